@@ -1,0 +1,1 @@
+"""Training loops and recipes for deqguard models (imports deqguard, never the reverse)."""
