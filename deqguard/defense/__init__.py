@@ -1,0 +1,20 @@
+"""Test-time defense: input entropy reduction along the neural dynamics and early-state prediction.
+
+>>> from deqguard.defense import defended_forward, get_preset
+>>> out = defended_forward(model, x, get_preset("paper"))        # doctest: +SKIP
+>>> out.logits.argmax(1), out.grad_steps, out.nfe                 # doctest: +SKIP
+"""
+
+from deqguard.defense.entropy import BatchParams, DefenseResult, defended_forward, entropy_descent
+from deqguard.defense.params import PRESETS, DefenseParams, get_preset, list_presets
+
+__all__ = [
+    "PRESETS",
+    "BatchParams",
+    "DefenseParams",
+    "DefenseResult",
+    "defended_forward",
+    "entropy_descent",
+    "get_preset",
+    "list_presets",
+]
