@@ -35,7 +35,8 @@ class AndersonSolver(FixedPointSolver):
         xs[:, slot] = state.z
         fs[:, slot] = state.fz
         mem["count"] += 1
-        g = (fs - xs).float()  # [B, m, D]
+        g = fs - xs  # [B, m, D]
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
         b = g.shape[0]
         gram = torch.bmm(g, g.transpose(1, 2))  # [B, m, m]
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]

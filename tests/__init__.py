@@ -1,0 +1,1 @@
+"""deqguard test suite."""

@@ -1,0 +1,168 @@
+"""Solvers: fixed points, trajectories, resumability, per-sample freezing, guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqguard.configs import SolverConfig
+from deqguard.dynamics import cell_fn
+from deqguard.models import build_model
+from deqguard.solvers import Trajectory, make_solver
+from tests._toys import linear_contraction
+
+SOLVERS = ["broyden", "anderson", "picard"]
+
+
+def _linear_fn(a, b):
+    def fn(z, index):
+        bb = b if index is None else b[index]
+        return z @ a.T + bb
+
+    return fn
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_reaches_fixed_point_of_contraction(name):
+    a, b = linear_contraction(batch=5, dim=20, scale=0.6)
+    direct = torch.linalg.solve(torch.eye(20, dtype=a.dtype) - a, b.T).T  # z = A z + b
+    solver = make_solver(SolverConfig(name=name, max_steps=80, tol=1e-12, memory=30))
+    state, traj = solver.solve(_linear_fn(a, b), torch.zeros_like(b))
+    torch.testing.assert_close(state.best_z, direct, atol=1e-9, rtol=1e-9)
+    assert len(traj) == 80
+
+
+def test_broyden_needs_fewer_steps_than_plain_iteration_on_a_contraction():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(0.5, 0.95, 30, dtype=torch.float64)) @ q.T
+    b = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    fn = _linear_fn(a, b)
+    res = {}
+    for name in ("broyden", "picard"):
+        state, _ = make_solver(SolverConfig(name=name, max_steps=15, tol=0)).solve(
+            fn, torch.zeros_like(b), record=False
+        )
+        res[name] = state.residual.max().item()
+    assert res["broyden"] < res["picard"] / 10
+
+
+@pytest.fixture(scope="module")
+def micro_problem():
+    torch.manual_seed(0)
+    model = build_model("micro").eval()
+    from deqguard.data import load_test
+
+    x = load_test(n=6).float_images()
+    with torch.no_grad():
+        injection = model.inject(x)
+    return model, cell_fn(model, injection), model.zero_state(6, x.device, x.dtype)
+
+
+def test_broyden_beats_plain_iteration_on_micro(micro_problem):
+    _, fn, z0 = micro_problem
+    res = {}
+    with torch.no_grad():
+        for name in ("broyden", "picard"):
+            solver = make_solver(SolverConfig(name=name, max_steps=8, tol=0))
+            state, _ = solver.solve(fn, z0, record=False)
+            res[name] = state.best_residual.mean().item()
+    assert res["broyden"] < res["picard"]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_trajectory_holds_exactly_n_raw_iterates(name, micro_problem):
+    _, fn, z0 = micro_problem
+    solver = make_solver(SolverConfig(name=name, tol=0))
+    with torch.no_grad():
+        state, traj = solver.solve(fn, z0, steps=5)
+        # Step one at a time and compare each recorded state with the raw iterate then.
+        s2 = solver.init(fn, z0)
+        iterates = []
+        for _ in range(5):
+            s2 = solver.advance(fn, s2, 1)
+            iterates.append(s2.z)
+    assert len(traj) == 5 and len(traj.residuals) == 5
+    for recorded, raw in zip(traj.states, iterates, strict=True):
+        torch.testing.assert_close(recorded, raw, rtol=0, atol=0)
+    if name == "picard":  # plain iteration: z[t] = f^t(0)
+        z = z0
+        with torch.no_grad():
+            for recorded in traj.states:
+                z = fn(z, None)
+                torch.testing.assert_close(recorded, z)
+    assert (state.nfe == 6).all()  # k steps cost k + 1 evaluations
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_four_chunks_of_two_equal_one_run_of_eight(name, micro_problem):
+    _, fn, z0 = micro_problem
+    solver = make_solver(SolverConfig(name=name, max_steps=8, tol=0.3, memory=5))
+    with torch.no_grad():
+        single, traj1 = solver.solve(fn, z0)
+        chunked = solver.init(fn, z0)
+        traj2 = Trajectory()
+        for _ in range(4):
+            chunked = solver.advance(fn, chunked, 2, traj2)
+    assert len(traj2) == 8
+    for a_, b_ in zip(traj1.states, traj2.states, strict=True):
+        torch.testing.assert_close(a_, b_, rtol=0, atol=0)
+    torch.testing.assert_close(single.best_z, chunked.best_z, rtol=0, atol=0)
+    assert torch.equal(single.nfe, chunked.nfe)
+
+
+def test_converged_samples_are_frozen_and_cost_nothing():
+    a, b = linear_contraction(batch=4, dim=10, scale=0.5)
+    b[0] = 0.0  # sample 0 starts at its fixed point (z = 0) and converges at once
+    b[1] *= 1e-3
+    calls: list[int] = []
+
+    def fn(z, index):
+        calls.append(z.shape[0])
+        bb = b if index is None else b[index]
+        return z @ a.T + bb
+
+    solver = make_solver(SolverConfig(name="broyden", max_steps=6, tol=1e-6, skip_fraction=1.0))
+    state, traj = solver.solve(fn, torch.zeros_like(b))
+    assert state.converged[0]
+    for z in traj.states:  # frozen at its converged iterate
+        assert torch.equal(z[0], traj.states[0][0])
+    assert state.nfe[0] < state.nfe[2]
+    assert min(calls) < 4  # later calls ran on a subset of the batch
+
+
+def test_nan_guard_freezes_the_sample_and_keeps_the_rest():
+    a, b = linear_contraction(batch=3, dim=8, scale=0.5)
+
+    def fn(z, index):
+        out = z @ a.T + (b if index is None else b[index])
+        rows = torch.arange(3) if index is None else index
+        out = out.clone()
+        out[(rows == 1) & (z.abs().sum(1) > 0)] = float("nan")
+        return out
+
+    state, traj = make_solver(SolverConfig(name="broyden", max_steps=10, tol=1e-10)).solve(
+        fn, torch.zeros_like(b)
+    )
+    assert state.diverged.tolist() == [False, True, False]
+    assert torch.isfinite(state.best_z).all()
+    assert state.residual[[0, 2]].max() < 1e-6
+
+
+def test_retarget_continues_towards_the_new_fixed_point():
+    a, b1 = linear_contraction(batch=4, dim=16, scale=0.6, seed=1)
+    b2 = b1 + 1.0
+    solver = make_solver(SolverConfig(name="broyden", max_steps=40, tol=1e-12, memory=20))
+    state = solver.init(_linear_fn(a, b1), torch.zeros_like(b1))
+    state = solver.advance(_linear_fn(a, b1), state, 5)
+    which = torch.tensor([True, False, True, False])
+    b_mixed = torch.where(which[:, None], b2, b1)
+    state = solver.retarget(_linear_fn(a, b_mixed), state, which=which)
+    state = solver.advance(_linear_fn(a, b_mixed), state, 40)
+    direct = torch.linalg.solve(torch.eye(16, dtype=a.dtype) - a, b_mixed.T).T
+    torch.testing.assert_close(state.best_z, direct, atol=1e-8, rtol=1e-8)
+
+
+def test_flat_state_is_required():
+    with pytest.raises(ValueError, match="flat"):
+        make_solver().init(lambda z, i: z, torch.zeros(2, 3, 4))
