@@ -56,3 +56,13 @@ def test_bad_state_index_is_refused(model_and_x):
     model, x = model_and_x
     with pytest.raises(ValueError, match="state_index"):
         deq_forward(model, x, state_index=9)
+
+
+def test_bf16_autocast_keeps_float32_state_and_agrees(model_and_x):
+    model, x = model_and_x
+    ref = deq_forward(model, x, SolverConfig(max_steps=4, tol=0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = deq_forward(model, x, SolverConfig(max_steps=4, tol=0))
+    assert r.state.dtype == torch.float32 and torch.isfinite(r.state).all()
+    cos = torch.nn.functional.cosine_similarity(r.state, ref.state, dim=1)
+    assert (cos > 0.95).all(), cos
