@@ -1,0 +1,136 @@
+"""Test-time defense: parameters, Algorithm 1's guarantees, per-sample batching, R = 0 equivalence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from deqguard.defense import (
+    PRESETS,
+    DefenseParams,
+    defended_forward,
+    get_preset,
+)
+from deqguard.dynamics import deq_forward
+from deqguard.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    """An untrained micro model with a sharpened classifier, so entropies are far from log 10."""
+    torch.manual_seed(0)
+    m = build_model("micro").eval()
+    with torch.no_grad():
+        m.classifier.weight.mul_(30)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    from deqguard.data import DatasetError, load_test
+
+    try:
+        return load_test(n=8).float_images()
+    except DatasetError:
+        pytest.skip("CIFAR-10 not available")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("beta", -1.0),
+        ("R", -1),
+        ("R", 1.5),
+        ("Tf", 0),
+        ("eps", -0.1),
+        ("state", 0),
+        ("beta", float("nan")),
+    ],
+)
+def test_params_validated_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        DefenseParams(**{field: value})
+
+
+def test_presets() -> None:
+    assert set(PRESETS) >= {"off", "paper", "fast", "strong"}
+    assert get_preset("off").R == 0
+    paper = get_preset("paper")
+    assert (paper.Tf, paper.R, paper.beta, paper.eps) == (2, 10, 2 / 255, 8 / 255)
+    strong = get_preset("strong")
+    assert (strong.Tf, strong.R) == (1, 20)
+    with pytest.raises(ValueError, match="unknown defense preset"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="unknown"):
+        DefenseParams.from_dict({"R": 1, "tf": 2})
+
+
+def test_r0_equals_undefended_forward(model, images) -> None:
+    d = deq_forward(model, images)
+    r = defended_forward(model, images, get_preset("off"))
+    assert torch.equal(r.logits, d.logits)
+    assert torch.equal(r.step_entropy, d.step_entropy)
+    assert torch.equal(r.nfe, d.nfe)
+    assert int(r.grad_steps.sum()) == 0 and not bool(r.acted.any())
+    assert torch.equal(r.x_final, images)
+
+
+def test_entropy_reduction_lowers_entropy_and_stays_in_ball(model, images) -> None:
+    eps = 8 / 255
+    off = defended_forward(model, images, get_preset("off"))
+    on = defended_forward(model, images, get_preset("paper"))
+    # Lower mean entropy at every state after the first intervention, and at z[N].
+    assert float(on.step_entropy[-1].mean()) < float(off.step_entropy[-1].mean())
+    assert bool((on.step_entropy[2:].mean(1) < off.step_entropy[2:].mean(1)).all())
+    assert float((on.x_final - images).abs().max()) <= eps + 1e-6
+    assert float(on.x_final.min()) >= 0.0 and float(on.x_final.max()) <= 1.0
+    # Interventions after steps 2, 4, 6 (never after the last step), R = 10 each.
+    assert on.acted.any(dim=1).nonzero().squeeze(1).tolist() == [1, 3, 5]
+    assert on.grad_steps.tolist() == [30] * len(images)
+    assert bool(torch.isfinite(on.post_entropy[on.acted]).all())
+    assert bool(torch.isnan(on.post_entropy[~on.acted]).all())
+    # One restart evaluation per intervention on top of the undefended 1 + N.
+    assert on.nfe.tolist() == (off.nfe + 3).tolist()
+
+
+def test_mixed_batch_matches_each_sample_alone(model, images) -> None:
+    mix = [
+        DefenseParams(R=3, Tf=2),
+        get_preset("off"),
+        DefenseParams(R=2, Tf=3, beta=1 / 255, eps=4 / 255, state=3),
+        DefenseParams(R=1, Tf=1, state=2),
+    ]
+    # float64: sign gradients amplify float32 batch-size-dependent rounding into flipped pixels.
+    m64 = copy.deepcopy(model).double()
+    x = images[:4].double()
+    batched = defended_forward(m64, x, mix, steps=4)
+    for i, p in enumerate(mix):
+        alone = defended_forward(m64, x[i : i + 1], p, steps=4)
+        torch.testing.assert_close(batched.logits[i], alone.logits[0], atol=1e-6, rtol=1e-6)
+        assert batched.state_index[i] == alone.state_index[0]
+        assert batched.nfe[i] == alone.nfe[0]
+        assert batched.grad_steps[i] == alone.grad_steps[0]
+        assert torch.equal(batched.acted[:, i], alone.acted[:, 0])
+        torch.testing.assert_close(batched.x_final[i], alone.x_final[0], atol=1e-9, rtol=0)
+    assert batched.grad_steps.tolist() == [3, 0, 2, 3]
+    assert batched.state_index.tolist() == [4, 4, 3, 2]
+
+
+def test_r0_samples_pay_nothing(model, images) -> None:
+    x = images[:4]
+    mix = [get_preset("off"), DefenseParams(R=2, Tf=2), get_preset("off"), DefenseParams(R=1, Tf=1)]
+    r = defended_forward(model, x, mix)
+    off = deq_forward(model, x)
+    assert r.grad_steps[[0, 2]].tolist() == [0, 0]
+    assert r.nfe[[0, 2]].tolist() == off.nfe[[0, 2]].tolist()
+    torch.testing.assert_close(r.logits[[0, 2]], off.logits[[0, 2]], atol=1e-4, rtol=1e-4)
+    assert torch.equal(r.x_final[[0, 2]], x[[0, 2]])
+
+
+def test_bad_inputs(model, images) -> None:
+    with pytest.raises(ValueError, match="state"):
+        defended_forward(model, images[:1], DefenseParams(state=9), steps=8)
+    with pytest.raises(ValueError, match="DefenseParams"):
+        defended_forward(model, images[:2], [get_preset("off")])
