@@ -1,0 +1,56 @@
+"""Request and response bodies of the admin API (validated at the edge: 422 names the field)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.admin.engine import SUITES, resolve_defense
+
+__all__ = ["AuditRequest", "ModelLoadRequest"]
+
+SuiteName = Literal[tuple(SUITES)]  # type: ignore[valid-type]
+
+
+class AuditRequest(BaseModel):
+    """An audit: which model, which defense, which attacks, on how many test images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, description="Store entry `name` or `name@version`; default: served model"
+    )
+    defense: str | dict[str, Any] = Field(
+        default="paper",
+        description="Preset name (off, paper, fast, strong) or DefenseParams fields, "
+        "optionally with `preset` as the base",
+    )
+    suite: SuiteName = Field(default="quick", description="Attack suite: " + ", ".join(SUITES))
+    n_samples: int = Field(default=1000, ge=1, le=10_000, description="First n test images")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Images per resumable batch")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the attacks")
+
+    @field_validator("defense")
+    @classmethod
+    def _check_defense(cls, v: str | dict[str, Any]) -> str | dict[str, Any]:
+        try:
+            resolve_defense(v)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    model_config["json_schema_extra"] = {
+        "examples": [
+            {"model": "micro-trades-ri", "defense": "paper", "suite": "quick",
+             "n_samples": 1000, "batch_size": 32, "seed": 0}
+        ]
+    }  # fmt: skip
+
+
+class ModelLoadRequest(BaseModel):
+    """Optional body of a model load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(default=None, description="Require this manifest version")
