@@ -1,0 +1,309 @@
+"""Training: losses against hand computations, random depths, resume, DDP, CLI (real CIFAR-10).
+
+Everything runs a tiny MDEQ (f at 16x16, 8/16 channels) on a few hundred real images, so the
+suite stays fast on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deqguard.configs import ModelConfig
+from deqguard.data import CifarSplit, DatasetError, load_cifar10
+from training.cli import main as cli_main
+from training.config import TrainConfig
+from training.losses import pgd_at_attack, pgd_at_loss, trades_attack, trades_loss
+from training.trainer import Trainer
+
+TINY = ModelConfig(
+    name="test-tiny",
+    branch_channels=(8, 16),
+    head_channels=(4, 8),
+    final_channels=32,
+    block_expansion=2,
+    stem_stride=2,
+    num_groups=4,
+)
+
+
+@pytest.fixture(scope="module")
+def cifar_small() -> CifarSplit:
+    try:
+        return load_cifar10(train=True).head(240)
+    except DatasetError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"CIFAR-10 not available: {exc}")
+
+
+def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
+    base = dict(
+        name="t",
+        out_dir=str(tmp_path),
+        method="trades",
+        solver_steps=3,
+        phantom_k=1,
+        attack_steps=1,
+        attack_step_size=2 / 255,
+        batch_size=8,
+        total_steps=4,
+        pretrain_steps=2,
+        n_val=40,
+        val_samples=0,
+        val_every=0,
+        progress=False,
+        threads=1,
+        device="cpu",
+        checkpoint_every_min=60.0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- losses by hand
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    e = (z - z.max(1, keepdim=True).values).exp()
+    return e / e.sum(1, keepdim=True)
+
+
+def test_trades_and_pgd_at_losses_match_hand_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    nat = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    adv = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 2, 3])
+    p_nat, p_adv = _softmax(nat), _softmax(adv)
+    ce = -torch.log(p_nat[torch.arange(5), y]).mean()
+    kl = (p_nat * (p_nat.log() - p_adv.log())).sum()
+    expected = ce + 6.0 * kl / 5
+    assert torch.allclose(trades_loss(nat, adv, y, 6.0).double(), expected, atol=1e-6)
+    ce_adv = -torch.log(p_adv[torch.arange(5), y]).mean()
+    assert torch.allclose(pgd_at_loss(adv, y).double(), ce_adv, atol=1e-6)
+
+
+def _linear_setup() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 2, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    return x, w, y
+
+
+def _proj(xa: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.minimum(torch.maximum(xa, x - eps), x + eps).clamp(0, 1)
+
+
+def test_pgd_at_attack_matches_hand_computed_steps() -> None:
+    x, w, y = _linear_setup()
+    eps, alpha, steps = 8 / 255, 2 / 255, 3
+    got = pgd_at_attack(
+        lambda xa: xa.flatten(1) @ w,
+        x,
+        y,
+        eps=eps,
+        step_size=alpha,
+        steps=steps,
+        generator=torch.Generator().manual_seed(5),
+    )
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    xa = (x + (2 * u - 1) * eps).clamp(0, 1)
+    onehot = F.one_hot(y, 5).double()
+    for _ in range(steps):
+        grad = ((_softmax(xa.flatten(1) @ w) - onehot) @ w.T / len(y)).view_as(x)
+        xa = _proj(xa + alpha * grad.sign(), x, eps)
+    assert torch.allclose(got, xa)
+    assert (got - x).abs().max() <= eps + 1e-12
+
+
+def test_trades_attack_matches_hand_computed_steps() -> None:
+    x, w, _ = _linear_setup()
+    eps, alpha, steps = 8 / 255, 2 / 255, 2
+    nat = x.flatten(1) @ w
+    got = trades_attack(
+        lambda xa: xa.flatten(1) @ w,
+        x,
+        nat,
+        eps=eps,
+        step_size=alpha,
+        steps=steps,
+        generator=torch.Generator().manual_seed(3),
+    )
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    xa = x + 0.001 * noise
+    p_nat = _softmax(nat)
+    for _ in range(steps):
+        # d/dx sum KL(p_nat || p_adv) = (p_adv - p_nat) W^T
+        grad = ((_softmax(xa.flatten(1) @ w) - p_nat) @ w.T).view_as(x)
+        xa = _proj(xa + alpha * grad.sign(), x, eps)
+    assert torch.allclose(got, xa)
+
+
+# --------------------------------------------------------------------------- trainer
+def test_few_steps_lower_the_loss(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    cfg = _cfg(tmp_path, method="clean", pretrain_steps=100, total_steps=100, lr=3e-3)
+    tr = Trainer(cfg, data=cifar_small, model_config=TINY)
+    torch.manual_seed(0)
+    x = tr.train_split.float_images()[:64]
+    y = tr.train_split.labels[:64]
+
+    def loss() -> float:
+        with torch.no_grad():
+            ((logits, _, _),) = tr.step_module([(x, None)], unrolled=True)
+        return float(F.cross_entropy(logits, y))
+
+    before = loss()
+    for step in range(24):
+        tr.train_step(step)
+    assert loss() < before - 0.05
+
+
+def test_random_depth_draws_every_k(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    tr = Trainer(
+        _cfg(tmp_path, random_intermediate="batch", solver_steps=8),
+        data=cifar_small,
+        model_config=TINY,
+    )
+    gen = torch.Generator().manual_seed(0)
+    draws = [tr._depth(8, 4, gen) for _ in range(300)]
+    assert all(bool((d == d[0]).all()) for d in draws)  # one depth per forward call
+    assert {int(d[0]) for d in draws} == set(range(1, 9))
+    tr_s = Trainer(
+        _cfg(tmp_path, random_intermediate="sample", solver_steps=8),
+        data=cifar_small,
+        model_config=TINY,
+    )
+    per_sample = torch.cat([tr_s._depth(8, 16, gen) for _ in range(40)])
+    assert set(per_sample.tolist()) == set(range(1, 9))
+    assert tr_s._depth(8, 4, gen) is not None
+    assert Trainer(_cfg(tmp_path), data=cifar_small, model_config=TINY)._depth(8, 4, gen) is None
+
+
+def test_trades_step_runs_with_random_depth_and_jacobian(
+    tmp_path: Path, cifar_small: CifarSplit
+) -> None:
+    cfg = _cfg(tmp_path, random_intermediate="batch", pretrain_steps=0, jac_prob=1.0)
+    tr = Trainer(cfg, data=cifar_small, model_config=TINY)
+    stats = tr.train_step(0)
+    assert {"loss", "task_loss", "jac", "clean_acc", "robust_acc"} <= set(stats)
+    assert stats["loss"] > stats["task_loss"]  # the penalty was added
+    assert tr.state.pretrain_end == 0
+
+
+def test_resumed_run_continues_the_same_schedule(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    cfg = _cfg(tmp_path, name="full", random_intermediate="batch", jac_prob=0.5)
+    full = Trainer(cfg, data=cifar_small, model_config=TINY)
+    full.fit()
+    cfg_b = replace(cfg, name="split")
+    first = Trainer(cfg_b, data=cifar_small, model_config=TINY)
+    first.fit(max_new_steps=3)
+    assert first.state.step == 3 and not first.state.finished
+    lr_next = first.lr(3)
+    resumed = Trainer(cfg_b, data=cifar_small, model_config=TINY)
+    assert resumed.load_checkpoint()
+    assert resumed.state.step == 3
+    assert resumed.lr(resumed.state.step) == lr_next
+    x_a, y_a = full.batch(3)
+    x_b, y_b = resumed.batch(3)
+    assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b)  # same data/augmentation stream
+    resumed.fit(resume=True)
+    assert resumed.state.step == full.state.step == 4
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    opt_a = full.optimizer.state_dict()["state"]
+    opt_b = resumed.optimizer.state_dict()["state"]
+    assert all(torch.allclose(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"], atol=1e-6) for i in opt_a)
+
+
+def test_resume_refuses_a_different_schedule(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    cfg = _cfg(tmp_path, total_steps=1, pretrain_steps=1)
+    Trainer(cfg, data=cifar_small, model_config=TINY).fit()
+    other = Trainer(replace(cfg, lr=5e-4), data=cifar_small, model_config=TINY)
+    with pytest.raises(ValueError, match="lr"):
+        other.load_checkpoint()
+
+
+def test_fit_validates_and_keeps_best(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    cfg = _cfg(tmp_path, total_steps=3, pretrain_steps=1, val_samples=8, val_pgd_steps=1)
+    tr = Trainer(cfg, data=cifar_small, model_config=TINY)
+    state = tr.fit()
+    assert state.finished and state.best_step == 3
+    run = tmp_path / "t"
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_pgd" in r for r in records) and any("loss" in r for r in records)
+    assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str, data: CifarSplit) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    cfg = _cfg(Path(out_dir), total_steps=2, pretrain_steps=1, jac_prob=1.0)
+    tr = Trainer(cfg, data=data, model_config=TINY)
+    x0, _ = tr.batch(0)
+    tr.fit()
+    flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
+    bufs = torch.cat([b.float().flatten() for b in tr.model.buffers()])
+    torch.save({"params": flat, "buffers": bufs, "x0": x0}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(
+    tmp_path: Path, cifar_small: CifarSplit
+) -> None:
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(_free_port(), str(tmp_path), cifar_small), nprocs=2, join=True
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert not torch.equal(r0["x0"], r1["x0"])  # the ranks saw different data
+    assert torch.allclose(r0["params"], r1["params"], atol=1e-6)
+    assert torch.allclose(r0["buffers"], r1["buffers"], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- config and CLI
+def test_cli_merges_file_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('name = "x"\nmethod = "pgd-at"\nattack_steps = 3\njac_weight = 2.0\n')
+    assert cli_main(["--config", str(f), "--attack-steps", "5", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "pgd-at" and out["attack_steps"] == 5 and out["jac_weight"] == 2.0
+    assert out["attack_solver_steps"] is None
+
+
+def test_config_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"metod": "trades"})
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="fgsm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="time_budget_min"):
+        TrainConfig(schedule="time")
+    with pytest.raises(SystemExit):
+        cli_main(["--random-intermediate", "sometimes"])
+
+
+def test_shipped_recipes_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    from training.config import load_config_file
+
+    a = TrainConfig.from_dict(load_config_file(root / "micro-trades.toml"))
+    b = TrainConfig.from_dict(load_config_file(root / "micro-trades-ri.toml"))
+    assert a.random_intermediate == "off" and b.random_intermediate == "batch"
+    diff = {k for k, v in a.to_dict().items() if b.to_dict()[k] != v}
+    assert diff == {"name", "random_intermediate"}  # same seed, same budget

@@ -1,0 +1,227 @@
+"""Evaluation of a trained run on the test set, and its export into the model store.
+
+Attacks (l_inf, eps 8/255, PGD with a uniform random start, step 2/255, sign gradient, projection
+and clamp after each step), all judged on the model's undefended decision, the head at z[N]
+(the last raw iterate of the N-step Broyden run, k = N also for Sec. 3.3 models):
+
+- final state: the gradient of the Eq. 11 surrogate at i = N with one plain f step and
+  ``final_ka`` damped steps (the authors' evaluation unrolls 1 + 9 steps);
+- intermediate states (Eq. 11): z[i] from the solver, one plain f step, then Ka steps
+  z <- (1 - lambda) z + lambda f(z), CE on the head. A grid of (i, Ka, lambda) is screened on the
+  first ``screen`` test images; the strongest (lowest accuracy) is rerun on all ``n_test``.
+
+Usage: ``python -m training.evaluate --run runs/micro-trades --store model_store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deqguard.configs import SolverConfig
+from deqguard.data import dataset_fingerprint, load_test
+from deqguard.dynamics import deq_forward
+from deqguard.models import MDEQClassifier, build_model
+from training.losses import pgd_at_attack
+
+__all__ = ["AttackSpec", "eq11_forward", "robust_correct", "main"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Eq. 11 surrogate: start at z[i], one plain f step, ``ka`` damped steps of weight ``lam``."""
+
+    i: int
+    ka: int
+    lam: float
+
+    @property
+    def label(self) -> str:
+        return f"i{self.i}_ka{self.ka}_lam{self.lam:g}"
+
+
+def eq11_forward(
+    model: MDEQClassifier, solver: SolverConfig, spec: AttackSpec
+) -> Callable[[Tensor], Tensor]:
+    """logits(x) through the Eq. 11 surrogate; x gets its gradient through the stem and the
+    1 + Ka unrolled steps (the solver's z[i] is a constant, as in the authors' code)."""
+
+    def fwd(x: Tensor) -> Tensor:
+        z_i = deq_forward(model, x, solver, steps=spec.i, record=False).state.detach()
+        injection = model.inject(x)
+        z = model.cell(z_i, injection)
+        for _ in range(spec.ka):
+            z = (1 - spec.lam) * z + spec.lam * model.cell(z, injection)
+        return model.head(z)
+
+    return fwd
+
+
+@torch.no_grad()
+def decide(model: MDEQClassifier, x: Tensor, solver: SolverConfig) -> Tensor:
+    """The model's undefended prediction: the head at z[N]. [B] int64."""
+    return deq_forward(model, x, solver, record=False).logits.argmax(1)
+
+
+def robust_correct(
+    model: MDEQClassifier,
+    images: Tensor,
+    labels: Tensor,
+    forward: Callable[[Tensor], Tensor] | None,
+    solver: SolverConfig,
+    *,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> Tensor:
+    """Per-sample correctness [N] bool under PGD with ``forward`` (None: clean)."""
+    model.eval()
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    out = []
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size]
+        y = labels[start : start + batch_size]
+        if forward is not None:
+            x = pgd_at_attack(
+                forward, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen
+            )
+        out.append(decide(model, x, solver) == y)
+    return torch.cat(out)
+
+
+def load_run_model(run_dir: Path, which: str = "best") -> tuple[MDEQClassifier, dict[str, Any]]:
+    """The model of a run (``best.pt``: selected on val PGD; ``last``: final weights)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    overrides = {} if cfg.get("dropout") is None else {"dropout": cfg["dropout"]}
+    model = build_model(cfg["model"], **overrides)
+    path = run_dir / ("best.pt" if which == "best" else "last.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def parse_grid(text: str) -> list[AttackSpec]:
+    """'i:ka:lam,...' -> specs."""
+    specs = []
+    for item in text.split(","):
+        i, ka, lam = item.split(":")
+        specs.append(AttackSpec(int(i), int(ka), float(lam)))
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
+    p.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    p.add_argument("--store", default=None, help="model store root to export into")
+    p.add_argument("--name", default=None, help="store entry name (default: the run's name)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--weights", choices=["best", "last"], default="best")
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--screen", type=int, default=200, help="test images for the grid screen")
+    p.add_argument("--grid", default="1:1:1,2:1:1,4:1:1,1:4:0.5,2:4:0.5,4:4:0.5")
+    p.add_argument("--final-ka", type=int, default=9)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--out", default=None, help="write the metrics JSON here too")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.run)
+    model, ckpt = load_run_model(run_dir, args.weights)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    solver = SolverConfig(name=cfg["solver"], max_steps=cfg["solver_steps"])
+    n = cfg["solver_steps"]
+    test = load_test(cfg.get("data_root"), n=args.n_test)
+    x, y = test.float_images(), test.labels
+    t0 = time.monotonic()
+    log: dict[str, Any] = {}
+
+    def report(key: str, value: Any) -> None:
+        log[key] = value
+        print(json.dumps({key: value, "t_s": round(time.monotonic() - t0, 1)}), flush=True)
+
+    kw = dict(steps=args.steps, batch_size=args.batch_size)
+    clean = robust_correct(model, x, y, None, solver, **kw)
+    report("clean_acc", float(clean.float().mean()))
+    final_spec = AttackSpec(n, args.final_ka, 0.5)
+    final = robust_correct(model, x, y, eq11_forward(model, solver, final_spec), solver, **kw)
+    report("pgd10_final_acc", float(final.float().mean()))
+    screen = {}
+    xs, ys = x[: args.screen], y[: args.screen]
+    for spec in parse_grid(args.grid):
+        c = robust_correct(model, xs, ys, eq11_forward(model, solver, spec), solver, **kw)
+        screen[spec.label] = float(c.float().mean())
+        report(f"screen_{spec.label}", screen[spec.label])
+    worst_label = min(screen, key=screen.__getitem__)
+    worst = next(s for s in parse_grid(args.grid) if s.label == worst_label)
+    inter = robust_correct(model, x, y, eq11_forward(model, solver, worst), solver, **kw)
+    report("pgd10_intermediate_acc", float(inter.float().mean()))
+    metrics = {
+        "eval_set": f"CIFAR-10 test, first {args.n_test} images (official order)",
+        "clean_acc": log["clean_acc"],
+        "pgd10_final_acc": log["pgd10_final_acc"],
+        "pgd10_final_attack": f"Eq. 11 surrogate i={n}, 1 plain + {args.final_ka} damped (0.5)",
+        "pgd10_intermediate_acc": log["pgd10_intermediate_acc"],
+        "pgd10_intermediate_attack": f"Eq. 11 {worst_label} (strongest of the screen)",
+        "pgd10_intermediate_screen": {
+            "n_images": args.screen,
+            "accuracy": screen,
+        },
+        "pgd10_min_acc": min(log["pgd10_final_acc"], log["pgd10_intermediate_acc"]),
+        "pgd10_per_sample_worst_acc": float((clean & final & inter).float().mean()),
+        "attack": "l_inf eps 8/255, 10 steps of 2/255, uniform random start, seed 0",
+        "decision": f"undefended, head at z[{n}] (Broyden, {n} steps)",
+        "val_pgd10_acc": float(ckpt.get("val_pgd", float("nan"))),
+        "val_clean_acc": float(ckpt.get("val_clean", float("nan"))),
+        "eval_seconds": round(time.monotonic() - t0, 1),
+        "eval_machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    if args.store:
+        from deqguard.store import save_entry
+
+        last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        training_args = {
+            **cfg,
+            "selected_step": int(ckpt.get("step", -1)),
+            "steps_done": int(last["step"]),
+            "pretrain_steps_done": int(last.get("pretrain_end", -1)),
+            "training_minutes": round(float(last["elapsed_s"]) / 60, 1),
+            "selection": "best val PGD-10 on the first "
+            f"{cfg['val_samples']} images of the held-out validation split",
+            "validation_history": json.loads(last["history"]),
+            "hardware": "CPU, 1 thread per run (2-core shared machine)",
+        }
+        entry = save_entry(
+            args.store,
+            args.name or cfg["name"],
+            model,
+            version=args.version,
+            solver_config=solver,
+            training_args=training_args,
+            metrics=metrics,
+            dataset_fingerprint=dataset_fingerprint(cfg.get("data_root")),
+            device="cpu",
+            notes="CPU-budget recipe; see docs/TRAINING.md and docs/MODEL_CARD.md",
+        )
+        print(f"wrote {entry}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
