@@ -1,0 +1,284 @@
+"""The admin API against real uvicorn servers: auth, audit jobs (run, cancel, kill -9 and
+resume), model reload under load, and refused checkpoints and names."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from deqguard.models import build_model
+from deqguard.store import save_entry
+from tests._admin_server import AUTH, LiveServer, make_store, wait_job
+
+try:
+    from deqguard.data import resolve_data_root
+
+    resolve_data_root()
+    HAVE_DATA = True
+except Exception:  # the dataset lives outside the repo
+    HAVE_DATA = False
+
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="CIFAR-10 not found (DEQGUARD_DATA_DIR)")
+
+# A tiny audit: 64 images, one PGD-2 attack, a 2-step defense; ~30 s on 2 busy CPU cores.
+AUDIT: dict[str, Any] = {
+    "model": "micro-a",
+    "defense": {"preset": "paper", "R": 2},
+    "suite": "smoke",
+    "n_samples": 64,
+    "batch_size": 16,
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = LiveServer(store, tmp_path_factory.mktemp("state")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_report(server: LiveServer) -> dict[str, Any]:
+    """The uninterrupted run of AUDIT (shared by the completion and the resume tests)."""
+    with server.client() as c:
+        r = c.post("/admin/audits", json=AUDIT, headers={"Idempotency-Key": "ref-run"})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["id"], ("succeeded", "failed", "cancelled"), 300)
+        assert job["state"] == "succeeded", job
+        return c.get(f"/admin/audits/{job['id']}/report").json()
+
+
+def _png_b64(seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                return s.value
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- auth
+def test_auth_paths(server: LiveServer) -> None:
+    with server.client(auth=False) as c:
+        r = c.get("/admin/audits")
+        assert r.status_code == 401 and r.json()["error"]["reason"] == "unauthorized"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert c.get("/admin/audits", headers={"Authorization": "Basic abc"}).status_code == 401
+        r = c.get("/admin/audits", headers={"Authorization": "Bearer wrong-token"})
+        assert r.status_code == 403 and r.json()["error"]["reason"] == "forbidden"
+        r = c.post("/admin/models/micro-b/load", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 403
+        assert c.get("/admin/audits", headers=AUTH).status_code == 200
+        assert c.get("/readyz").status_code == 200  # the public API needs no token
+
+
+def test_admin_api_off_without_token(store: Path, tmp_path: Path) -> None:
+    srv = LiveServer(store, tmp_path / "state", token=None).start()
+    try:
+        with srv.client() as c:
+            assert c.get("/admin/audits").status_code == 404
+            assert c.post("/admin/models/micro-a/load").status_code == 404
+            assert c.get("/readyz").status_code == 200
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- audits
+def test_audit_request_validation(server: LiveServer) -> None:
+    with server.client() as c:
+        cases = [
+            ({**AUDIT, "suite": "nope"}, 422, "suite"),
+            ({**AUDIT, "n_samples": 0}, 422, "n_samples"),
+            ({**AUDIT, "defense": {"R": -1}}, 422, "defense"),
+            ({**AUDIT, "defense": "bogus"}, 422, "defense"),
+            ({**AUDIT, "model": "../etc"}, 422, "model"),
+            ({**AUDIT, "model": "no-such-model"}, 404, "model"),
+            ({**AUDIT, "colour": "red"}, 422, "colour"),
+        ]
+        for body, code, field in cases:
+            r = c.post("/admin/audits", json=body)
+            assert r.status_code == code, (body, r.text)
+            assert field in r.text, (body, r.text)
+        assert c.get("/admin/audits/0123456789abcdef").status_code == 404
+        assert c.get("/admin/audits/..%2f..%2fetc").status_code == 404
+        assert c.get("/readyz").status_code == 200
+
+
+@needs_data
+def test_audit_runs_to_completion(server: LiveServer, reference_report: dict[str, Any]) -> None:
+    rep = reference_report
+    assert rep["n_samples"] == 64 and rep["model"]["name"] == "micro-a"
+    assert 0.0 <= rep["clean_acc"] <= 1.0
+    assert set(rep["robust_acc"]) == {"pgd2-zN"}
+    assert rep["worst_case_robust_acc"] <= rep["headline_robust_acc"] <= 1.0
+    lo, hi = rep["worst_case_ci95"]
+    assert lo <= rep["worst_case_robust_acc"] <= hi
+    assert len(rep["entropy_along_dynamics"]["clean"]) == rep["solver_steps"]
+    with server.client() as c:
+        job_id = rep["job"]["id"]
+        # the same Idempotency-Key gives the same job; reusing it for another body is refused
+        again = c.post("/admin/audits", json=AUDIT, headers={"Idempotency-Key": "ref-run"})
+        assert again.status_code == 200 and again.json()["id"] == job_id
+        assert again.headers["location"] == f"/admin/audits/{job_id}"
+        other = {**AUDIT, "seed": 5}
+        clash = c.post("/admin/audits", json=other, headers={"Idempotency-Key": "ref-run"})
+        assert clash.status_code == 409
+        status = c.get(f"/admin/audits/{job_id}").json()
+        assert status["progress"]["samples_done"] == 64
+        assert status["progress"]["robust_acc_ci95"] is not None
+        assert job_id in [j["id"] for j in c.get("/admin/audits").json()["jobs"]]
+        for name in rep["plots"]:
+            r = c.get(f"/admin/audits/{job_id}/plots/{name}.png")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            assert r.content.startswith(b"\x89PNG")
+        assert c.get(f"/admin/audits/{job_id}/plots/nope.png").status_code == 404
+        text = c.get("/metrics").text
+        assert _metric(text, "deqguard_audit_samples_processed_total") >= 64
+        assert _metric(text, "deqguard_audit_jobs", {"state": "succeeded"}) >= 1
+
+
+@needs_data
+def test_cancel(server: LiveServer, reference_report: dict[str, Any]) -> None:
+    with server.client() as c:
+        r = c.post("/admin/audits", json={**AUDIT, "n_samples": 2000, "seed": 7})
+        assert r.status_code == 202
+        job_id = r.json()["id"]
+        wait_job(c, job_id, ("running",), 120)
+        r = c.delete(f"/admin/audits/{job_id}")
+        assert r.status_code == 202 and r.json()["cancel_requested"]
+        job = wait_job(c, job_id, ("cancelled", "succeeded", "failed"), 120)
+        assert job["state"] == "cancelled"
+        assert job["progress"]["samples_done"] < 2000
+        assert c.delete(f"/admin/audits/{job_id}").status_code == 409
+        assert c.get(f"/admin/audits/{job_id}/report").status_code == 409
+        # a queued job is cancelled at once
+        assert c.get("/readyz").status_code == 200
+
+
+def _strip(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "job"}
+
+
+@needs_data
+def test_kill9_then_restart_resumes_with_same_result(
+    store: Path, tmp_path: Path, reference_report: dict[str, Any]
+) -> None:
+    state = tmp_path / "state"
+    srv = LiveServer(store, state).start()
+    with srv.client() as c:
+        job_id = c.post("/admin/audits", json=AUDIT).json()["id"]
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if c.get(f"/admin/audits/{job_id}").json()["progress"]["samples_done"] >= 16:
+                break
+            time.sleep(0.1)
+    srv.kill9()
+    srv2 = LiveServer(store, state).start()
+    try:
+        with srv2.client() as c:
+            status = c.get(f"/admin/audits/{job_id}").json()
+            assert status["state"] in ("running", "queued")
+            assert 16 <= status["progress"]["samples_done"] < 64  # killed mid-audit
+            job = wait_job(c, job_id, ("succeeded", "failed", "cancelled"), 300)
+            assert job["state"] == "succeeded" and job["resumes"] >= 1
+            report = c.get(f"/admin/audits/{job_id}/report").json()
+    finally:
+        srv2.stop()
+    assert _strip(report) == _strip(reference_report)
+
+
+# --------------------------------------------------------------------------- models
+def test_model_reload_under_load_fails_no_request(server: LiveServer, store: Path) -> None:
+    torch.manual_seed(3)
+    save_entry(store, "micro-c", build_model("micro").eval(), version="1")
+    body = {"images": [_png_b64()], "preset": "off", "model": "micro-c"}
+    with server.client() as c:
+        assert c.post("/v1/predict", json=body).status_code == 200
+    codes: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as hc:
+            while not stop.is_set():
+                r = hc.post("/v1/predict", json=body)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    versions.append(r.json()["model"]["version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        torch.manual_seed(4)
+        save_entry(store, "micro-c", build_model("micro").eval(), version="2")
+        with server.client() as c:
+            for _ in range(2):
+                r = c.post("/admin/models/micro-c/load")
+                assert r.status_code == 200, r.text
+                assert r.json()["version"] == "2"
+            assert c.post("/admin/models/micro-b/load").status_code == 200
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert codes and all(code == 200 for code in codes), sorted(set(codes))
+    assert versions[-1] == "2" and "1" in versions
+
+
+def test_tampered_checkpoint_and_bad_names_refused(server: LiveServer, store: Path) -> None:
+    shutil.copytree(store / "micro-a", store / "micro-tampered")
+    manifest = (store / "micro-tampered" / "manifest.json").read_text()
+    (store / "micro-tampered" / "manifest.json").write_text(
+        manifest.replace('"micro-a"', '"micro-tampered"')
+    )
+    weights = store / "micro-tampered" / "weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    predict = {"images": [_png_b64()], "preset": "off"}
+    with server.client() as c:
+        before = c.post("/v1/predict", json=predict).json()["model"]
+        r = c.post("/admin/models/micro-tampered/load")
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["reason"] == "checkpoint_refused" and "sha256" in err["message"]
+        after = c.post("/v1/predict", json=predict)
+        assert after.status_code == 200 and after.json()["model"] == before
+        for bad in ("a..b", "-x", ".hidden", "x" * 65, "name with space"):
+            r = c.post(f"/admin/models/{bad}/load")
+            assert r.status_code == 422 and r.json()["error"]["field"] == "name", (bad, r.text)
+        # clients and the router may normalise these before the name check: never served
+        for raw in ("..", "%2e%2e", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2fmodel_store"):
+            r = c.post(f"/admin/models/{raw}/load")
+            assert r.status_code in (404, 422), (raw, r.text)
+        assert c.post("/admin/models/does-not-exist/load").status_code == 404
+        assert c.get("/readyz").status_code == 200
+        text = c.get("/metrics").text
+        assert _metric(text, "deqguard_model_loads_total", {"result": "refused"}) >= 1
