@@ -5,7 +5,13 @@
 >>> out.logits.argmax(1), out.grad_steps, out.nfe                 # doctest: +SKIP
 """
 
-from deqguard.defense.entropy import BatchParams, DefenseResult, defended_forward, entropy_descent
+from deqguard.defense.entropy import (
+    BatchParams,
+    DefenseResult,
+    DefenseTrace,
+    defended_forward,
+    entropy_descent,
+)
 from deqguard.defense.params import PRESETS, DefenseParams, get_preset, list_presets
 
 __all__ = [
@@ -13,6 +19,7 @@ __all__ = [
     "BatchParams",
     "DefenseParams",
     "DefenseResult",
+    "DefenseTrace",
     "defended_forward",
     "entropy_descent",
     "get_preset",

@@ -35,7 +35,7 @@ from deqguard.dynamics import (
 from deqguard.models.mdeq import Injection, MDEQClassifier
 from deqguard.solvers import FixedPointSolver, Trajectory
 
-__all__ = ["BatchParams", "DefenseResult", "defended_forward", "entropy_descent"]
+__all__ = ["BatchParams", "DefenseResult", "DefenseTrace", "defended_forward", "entropy_descent"]
 
 
 @dataclass
@@ -87,6 +87,20 @@ class BatchParams:
 
 
 @dataclass
+class DefenseTrace:
+    """The defended dynamics in full, for adaptive attacks and audits (``trace=True``).
+
+    ``states`` [N, B, D]: the raw iterates z[1..N]; ``inputs[t]`` [B, 3, H, W]: the input in
+    effect after step t + 1 (after that step's update, if any), so ``inputs[N - 1]`` = x_final;
+    ``jac[t]``: elementwise d inputs[t] / d x (0 or 1, see :func:`entropy_descent`).
+    """
+
+    states: Tensor
+    inputs: list[Tensor]
+    jac: list[Tensor]
+
+
+@dataclass
 class DefenseResult:
     """What one defended forward produced (shapes: B samples, N solver steps, C classes).
 
@@ -115,6 +129,7 @@ class DefenseResult:
     grad_steps: Tensor
     x_final: Tensor
     step_logits: Tensor | None = None
+    trace: DefenseTrace | None = None
 
     @property
     def prediction(self) -> Tensor:
@@ -140,6 +155,7 @@ def entropy_descent(
     eps: Tensor,
     R: Tensor,
     masks: list[Tensor] | None = None,
+    jac: Tensor | None = None,
 ) -> Tensor:
     """R[b] steps of Eq. 8 for each sample b with z held; returns the new x [b, 3, H, W].
 
@@ -147,6 +163,10 @@ def entropy_descent(
     after their own R; the later steps run on the shrinking subset still going (rows gathered,
     not masked, so finished samples cost nothing). The entropy is summed, not averaged: the
     sign of each sample's gradient is what moves it and a mean would tie it to the batch size.
+
+    ``jac`` (same shape as x, updated in place) tracks d x / d x0 elementwise: the sign of a
+    gradient has derivative 0, so the exact derivative of the updates is 1 or 0 per pixel (0 where
+    the [0, 1] clip, not the eps-ball, bound it last). Adaptive attacks use it (``exact`` mode).
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
     lo = (x0 - eps.view(shape)).clamp(min=0.0)
@@ -167,11 +187,28 @@ def entropy_descent(
             (g,) = torch.autograd.grad(ent, xi)
         with torch.no_grad():
             if full:
-                x = torch.minimum(torch.maximum(x - step * g.sign(), lo), hi)
+                upd = x - step * g.sign()
+                if jac is not None:
+                    _track_jacobian(jac, upd, lo, hi, x0, eps.view(shape))
+                x = torch.minimum(torch.maximum(upd, lo), hi)
             else:
                 upd = xi.detach() - step[idx] * g.sign()
+                if jac is not None:
+                    j = jac[idx]
+                    _track_jacobian(j, upd, lo[idx], hi[idx], x0[idx], eps.view(shape)[idx])
+                    jac[idx] = j
                 x[idx] = torch.minimum(torch.maximum(upd, lo[idx]), hi[idx])
     return x
+
+
+def _track_jacobian(
+    jac: Tensor, upd: Tensor, lo: Tensor, hi: Tensor, x0: Tensor, eps: Tensor
+) -> None:
+    """In place: d clip(upd)/d x0 given d upd/d x0 = jac (the sign step adds nothing)."""
+    below, above = upd < lo, upd > hi
+    ball_lo = (x0 - eps > 0).to(jac.dtype)  # the lower bound is the ball's (moves with x0)
+    ball_hi = (x0 + eps < 1).to(jac.dtype)
+    jac.copy_(torch.where(below, ball_lo, torch.where(above, ball_hi, jac)))
 
 
 @torch.no_grad()
@@ -182,6 +219,7 @@ def defended_forward(
     solver: SolverConfig | FixedPointSolver | None = None,
     *,
     steps: int = 8,
+    trace: bool = False,
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.
 
@@ -191,6 +229,8 @@ def defended_forward(
         params: one DefenseParams for the batch, or one per sample.
         solver: forward solver (default Broyden, tol 1e-3); ``steps`` overrides its max_steps.
         steps: N, the solver steps.
+        trace: also return the iterates, the input in effect at every step and its derivative
+            (:class:`DefenseTrace`).
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [B, 3, H, W], got shape {tuple(x.shape)}")
@@ -212,12 +252,20 @@ def defended_forward(
         fn = cell_fn(model, injection)
         state = slv.init(fn, model.zero_state(batch, dev, x.dtype))
         done = 0
+        jac = torch.ones_like(x0) if trace else None
+        inputs: list[Tensor] = []
+        jacs: list[Tensor] = []
         for t in act_steps:
             state = slv.advance(fn, state, t - done, trajectory)
+            inputs += [x_cur] * (t - 1 - done)
+            if jac is not None:
+                jacs += [jac] * (t - 1 - done)
+                jac = jac.clone()
             done = t
             who = plan[t - 1]
             idx = who.nonzero().squeeze(1)
             sub_masks = None if injection.masks is None else [m[idx] for m in injection.masks]
+            jac_rows = None if jac is None else jac[idx]
             x_new = entropy_descent(
                 model,
                 state.z[idx],
@@ -227,10 +275,15 @@ def defended_forward(
                 p.eps[idx],
                 p.R[idx],
                 sub_masks,
+                None if jac is None else jac_rows,
             )
             grad_steps[idx] += p.R[idx]
             x_cur = x_cur.clone()
             x_cur[idx] = x_new
+            if jac is not None:
+                jac[idx] = jac_rows
+                jacs.append(jac)
+            inputs.append(x_cur)
             feats = injection.features.clone()
             feats[idx] = _features(model, x_new)
             injection = Injection(feats, injection.masks)
@@ -238,6 +291,9 @@ def defended_forward(
             state = slv.retarget(fn, state, which=who)
             post[t - 1, idx] = prediction_entropy(model.head(state.fz[idx]))
         state = slv.advance(fn, state, steps - done, trajectory)
+        inputs += [x_cur] * (steps - done)
+        if jac is not None:
+            jacs += [jac] * (steps - done)
         step_logits = head_on_states(model, trajectory.stacked_states())  # [N, B, C]
     rows = torch.arange(batch, device=dev)
     return DefenseResult(
@@ -251,4 +307,5 @@ def defended_forward(
         grad_steps=grad_steps,
         x_final=x_cur,
         step_logits=step_logits,
+        trace=DefenseTrace(trajectory.stacked_states(), inputs, jacs) if trace else None,
     )
