@@ -282,3 +282,16 @@ def test_tampered_checkpoint_and_bad_names_refused(server: LiveServer, store: Pa
         assert c.get("/readyz").status_code == 200
         text = c.get("/metrics").text
         assert _metric(text, "deqguard_model_loads_total", {"result": "refused"}) >= 1
+
+
+def test_dashboard_metrics_are_on_the_live_metrics_endpoint(server: LiveServer) -> None:
+    from tests.test_admin_deploy import dashboard_metrics, exported_series
+
+    with server.client() as c:
+        assert (
+            c.post("/v1/predict", json={"images": [_png_b64()], "preset": "off"}).status_code == 200
+        )
+        text = c.get("/metrics").text
+    families = {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+    missing = sorted(dashboard_metrics() - exported_series(families))
+    assert not missing, f"dashboard queries metrics /metrics does not expose: {missing}"
