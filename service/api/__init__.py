@@ -1,0 +1,1 @@
+"""HTTP routers: v1 (deqguard's own API), v2 (KServe Open Inference Protocol), health."""

@@ -1,0 +1,139 @@
+"""Request parsing shared by the v1 and v2 routers: settings, images, answers.
+
+HTTP-only concerns (content types, field names in error messages); no device work here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from deqguard.data import CLASSES
+from deqguard.defense import DefenseParams
+from service.context import ServiceContext
+from service.errors import BadImage, InvalidParameter, PayloadTooLarge
+from service.imaging import decode_image
+from service.runtime import ImageOutput, resolve_params
+from service.schemas import DefenseFields
+
+__all__ = [
+    "DEFENSE_KEYS",
+    "b64decode",
+    "decode_all",
+    "field_from_loc",
+    "image_prediction",
+    "invalid_from_validation",
+    "prepare",
+    "server_timing",
+]
+
+DEFENSE_KEYS = ("beta", "R", "Tf", "eps", "state")
+
+
+def field_from_loc(loc: Sequence[Any]) -> str:
+    """pydantic/FastAPI error location -> a dotted field name (``images.0``, ``beta``)."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "header", "path")]
+    return ".".join(parts) or "body"
+
+
+def invalid_from_validation(exc: ValidationError, prefix: str = "") -> InvalidParameter:
+    """The first error of a pydantic ValidationError as a 422 naming its field."""
+    err = exc.errors()[0]
+    name = field_from_loc(err["loc"])
+    name = f"{prefix}{name}" if prefix else name
+    return InvalidParameter(f"{name}: {err['msg']}", field=name)
+
+
+def validate_model(cls: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc, prefix) from None
+
+
+def b64decode(text: Any, part: str) -> bytes:
+    """Strict base64 (standard or URL-safe, optional data: URL prefix) naming the part."""
+    if not isinstance(text, str):
+        raise BadImage(f"{part}: expected a base64 string", part=part)
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    text = "".join(text.split())
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage(f"{part}: not valid base64", part=part) from None
+
+
+def decode_all(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:
+    """Encoded images (named parts) -> float32 [n, 3, 32, 32] in [0, 1] (runs off the loop)."""
+    arrays = [decode_image(data, part, max_pixels=max_pixels) for part, data in blobs]
+    return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+
+
+def prepare(
+    ctx: ServiceContext, fields: DefenseFields, n_images: int
+) -> tuple[str, DefenseParams, dict[str, Any]]:
+    """Check the image count and the model, and resolve the defense settings."""
+    limit = ctx.settings.max_images_per_request
+    if n_images > limit:
+        raise PayloadTooLarge(
+            f"images: {n_images} images in one request, limit {limit}", field="images"
+        )
+    if n_images == 0:
+        raise InvalidParameter("images: at least one image is required", field="images")
+    manifest = ctx.pool.manifest(fields.model)
+    steps = ctx.pool.steps_of(manifest)
+    overrides = {k: getattr(fields, k) for k in DEFENSE_KEYS}
+    preset = fields.preset or ctx.settings.default_preset
+    params = resolve_params(preset, overrides, steps, ctx.settings.max_defense_steps)
+    applied = {"preset": preset, **params.to_dict(), "steps": steps}
+    return manifest.name, params, applied
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def image_prediction(index: int, out: ImageOutput) -> dict[str, Any]:
+    trace = []
+    for t in range(len(out.step_entropy)):
+        acted = bool(out.acted[t])
+        trace.append(
+            {
+                "step": t + 1,
+                "entropy": _finite(float(out.step_entropy[t])) or 0.0,
+                "defense_acted": acted,
+                "post_entropy": _finite(float(out.post_entropy[t])) if acted else None,
+            }
+        )
+    return {
+        "index": index,
+        "label": CLASSES[out.class_index],
+        "class_index": out.class_index,
+        "probabilities": {c: float(p) for c, p in zip(CLASSES, out.probabilities.tolist())},
+        "entropy": out.entropy,
+        "entropy_trace": trace,
+        "state": out.state_index,
+        "final_residual": _finite(out.final_residual) or 0.0,
+        "nfe": out.nfe,
+        "grad_steps": out.grad_steps,
+    }
+
+
+def server_timing(scope_state: dict[str, Any], queue_s: float, compute_s: float) -> None:
+    """Record queue/compute durations for the middleware's Server-Timing header."""
+    scope_state["server_timing"] = {"queue": queue_s * 1000.0, "compute": compute_s * 1000.0}
+
+
+def elapsed_ms(scope_state: dict[str, Any]) -> float:
+    return (time.perf_counter() - scope_state.get("t0", time.perf_counter())) * 1000.0

@@ -1,0 +1,178 @@
+"""Builds the FastAPI app: routers, one error handler, the request middleware, the lifespan.
+
+``create_app(settings, extra_routers=[...])`` is the only place where the pieces are wired; an
+extra router (the admin/audit API, say) reaches the running service through
+``service.context.get_ctx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import health, v1, v2
+from service.api.common import field_from_loc
+from service.context import ClientGone, ServiceContext
+from service.errors import PayloadTooLarge, ServiceError
+from service.settings import ServiceSettings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("deqguard.service")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _error_json(exc: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status_code, headers=exc.headers)
+
+
+class RequestMiddleware:
+    """Request id, body-size limit, Server-Timing, and the request metrics (pure ASGI, so it
+    does not buffer bodies or hide client disconnects from the routes)."""
+
+    def __init__(self, app: ASGIApp, ctx: ServiceContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get("x-request-id", "")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["t0"] = t0
+        status = {"code": 500}
+        limit = self.ctx.settings.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                timing = state.get("server_timing", {})
+                parts = [f"{k};dur={v:.2f}" for k, v in timing.items()]
+                parts.append(f"total;dur={(time.perf_counter() - t0) * 1000.0:.2f}")
+                extra = [
+                    (b"x-request-id", rid.encode()),
+                    (b"server-timing", ", ".join(parts).encode()),
+                ]
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        received = {"n": 0}
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received["n"] += len(message.get("body", b""))
+                if received["n"] > limit:
+                    raise PayloadTooLarge(f"body: more than {limit} bytes", part="body")
+            return message
+
+        try:
+            declared = headers.get("content-length")
+            if (
+                scope["method"] in _BODY_METHODS
+                and declared
+                and declared.isdigit()
+                and int(declared) > limit
+            ):
+                exc = PayloadTooLarge(
+                    f"body: {declared} bytes, over the limit of {limit}", part="body"
+                )
+                self.ctx.reject(exc.reason)
+                await _error_json(exc)(scope, receive, send_wrapper)
+                return
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            m = self.ctx.metrics
+            m.requests.labels(route=path, method=scope["method"], code=str(status["code"])).inc()
+            m.request_duration.labels(route=path).observe(time.perf_counter() - t0)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctx: ServiceContext = app.state.ctx
+    await ctx.startup()
+    try:
+        yield
+    finally:
+        await ctx.shutdown()
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    extra_routers: Sequence[APIRouter] = (),
+    ctx: ServiceContext | None = None,
+) -> FastAPI:
+    """The service app. ``extra_routers`` are included after ours (same error handling,
+    metrics and middleware); they find the running service through ``get_ctx``."""
+    settings = settings or ServiceSettings()
+    ctx = ctx or ServiceContext(settings)
+    app = FastAPI(
+        title="deqguard",
+        version="0.1.0",
+        summary="Robust CIFAR-10 classification with deep equilibrium models",
+        description=(
+            "Test-time input entropy reduction along the DEQ dynamics (Yang et al., ICML 2023), "
+            "served with dynamic batching. v1 is deqguard's API; v2 is the KServe Open Inference "
+            "Protocol."
+        ),
+        lifespan=_lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.settings = settings
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code != 500:
+            ctx.reject(exc.reason)
+        else:
+            ctx.reject(exc.reason)
+            log.warning("500 on %s: %s", request.url.path, exc.message)
+        return _error_json(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        name = field_from_loc(err.get("loc", ()))
+        from service.errors import InvalidParameter
+
+        inv = InvalidParameter(f"{name}: {err.get('msg', 'invalid')}", field=name)
+        ctx.reject(inv.reason)
+        return _error_json(inv)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": exc.status_code, "reason": reason, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    for router in extra_routers:
+        app.include_router(router)
+    app.add_middleware(RequestMiddleware, ctx=ctx)
+    return app

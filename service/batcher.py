@@ -1,0 +1,284 @@
+"""Dynamic batching in front of the single device worker.
+
+Requests become :class:`Job` s in a bounded FIFO (counted in images). One asyncio task forms
+batches: it waits up to ``max_delay_s`` after the oldest job arrived for the batch to fill to
+``max_batch`` images, takes jobs of the same model in arrival order (different defense settings
+share a batch), drops jobs whose deadline passed or whose client left, and hands the batch to a
+one-thread executor, the only code that touches the device. While the device computes, the next
+batch fills. A batch that raises is split in halves and retried, so a failure (CUDA out of
+memory, say) ends only the requests that cause it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull, ServiceError
+
+__all__ = ["Batcher", "Job", "JobResult"]
+
+log = logging.getLogger("deqguard.service")
+
+# (model name, images float32 [B,3,32,32], per-image params) -> (per-image outputs, model)
+Runner = Callable[[str, torch.Tensor, Sequence[Any]], list[Any]]
+
+
+@dataclass
+class JobResult:
+    """A finished job: its outputs and where its time went."""
+
+    outputs: list[Any]
+    queue_s: float
+    compute_s: float
+    batch_size: int
+    model: Any = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's images waiting for the device."""
+
+    model: str
+    images: torch.Tensor  # float32 [n, 3, 32, 32] in [0, 1]
+    params: list[Any]  # one per image
+    deadline: float  # time.monotonic() by which compute must have started
+    future: asyncio.Future[JobResult]
+    enqueued: float = field(default_factory=time.monotonic)
+    started: bool = False
+    cancelled: bool = False
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Batcher:
+    """Bounded queue + batch former + one device thread.
+
+    Args:
+        runner: runs one batch on the device (called on the device thread only).
+        max_batch: most images per device call.
+        max_delay_s: how long the oldest job waits for company.
+        queue_size: most images queued (not yet computing); beyond it, :class:`QueueFull`.
+        on_batch: called on the event loop after every computed batch (metrics).
+        on_reject: called with a reason when a queued job is dropped (metrics).
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        queue_size: int,
+        on_batch: Callable[[str, list[Job], float, list[Any]], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deqguard-device")
+        self._pending: deque[Job] = deque()
+        self._queued_images = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._on_batch = on_batch
+        self._on_reject = on_reject or (lambda reason: None)
+        self._on_depth = on_depth or (lambda depth: None)
+        self._on_failure = on_failure or (lambda: None)
+        self._per_image_s = 0.05  # running estimate of device seconds per image (Retry-After)
+        self.busy = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="deqguard-batcher")
+
+    async def stop(self) -> None:
+        """Stop forming batches; queued jobs fail with 503 (the current batch finishes)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(NotReady("the service is shutting down"))
+        self._queued_images = 0
+        self._on_depth(0)
+        self.executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the device thread (model loading, warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self._queued_images * self._per_image_s))
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise QueueFull (429) when it would not fit."""
+        if self._task is None or self._wake is None:
+            raise NotReady("the device worker is not running")
+        if self._queued_images + job.n > self.queue_size:
+            raise QueueFull(
+                f"queue full: {self._queued_images} images waiting, limit {self.queue_size}; "
+                "retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        self._pending.append(job)
+        self._queued_images += job.n
+        self._on_depth(self._queued_images)
+        self._wake.set()
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw a job that has not started; True if it was withdrawn."""
+        if job.started or job.cancelled:
+            return False
+        job.cancelled = True
+        try:
+            self._pending.remove(job)
+        except ValueError:
+            return False
+        self._queued_images -= job.n
+        self._on_depth(self._queued_images)
+        if not job.future.done():
+            job.future.cancel()
+        return True
+
+    # ------------------------------------------------------------------ batch forming
+    def _images_for(self, model: str) -> int:
+        return sum(j.n for j in self._pending if j.model == model)
+
+    def _take(self) -> tuple[str, list[Job]]:
+        model = self._pending[0].model
+        batch: list[Job] = []
+        total = 0
+        keep: deque[Job] = deque()
+        now = time.monotonic()
+        while self._pending:
+            job = self._pending.popleft()
+            fits = job.model == model and (not batch or total + job.n <= self.max_batch)
+            if not fits:
+                keep.append(job)
+                continue
+            self._queued_images -= job.n
+            if job.future.done():  # cancelled by its handler
+                continue
+            if now > job.deadline:
+                self._on_reject("deadline_exceeded")
+                job.future.set_exception(
+                    DeadlineExceeded("deadline passed while queued; dropped before compute")
+                )
+                continue
+            job.started = True
+            batch.append(job)
+            total += job.n
+        self._pending = keep
+        self._on_depth(self._queued_images)
+        return model, batch
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            first = self._pending[0]
+            until = first.enqueued + self.max_delay_s
+            while self._pending and self._images_for(self._pending[0].model) < self.max_batch:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+            if not self._pending:
+                continue
+            model, batch = self._take()
+            if not batch:
+                continue
+            started = time.monotonic()
+            self.busy = True
+            try:
+                results = await loop.run_in_executor(self.executor, self._compute, model, batch)
+            except Exception as exc:  # the device thread itself failed: fail this batch only
+                log.exception("device worker call failed")
+                results = [exc] * len(batch)
+            finally:
+                self.busy = False
+            elapsed = time.monotonic() - started
+            n_images = sum(j.n for j in batch)
+            if n_images:
+                self._per_image_s = 0.8 * self._per_image_s + 0.2 * elapsed / n_images
+            for job, res in zip(batch, results):
+                if job.future.done():
+                    continue
+                if isinstance(res, BaseException):
+                    job.future.set_exception(res)
+                else:
+                    outputs, served = res
+                    job.future.set_result(
+                        JobResult(
+                            outputs=outputs,
+                            queue_s=started - job.enqueued,
+                            compute_s=elapsed,
+                            batch_size=n_images,
+                            model=served,
+                        )
+                    )
+            if self._on_batch is not None:
+                self._on_batch(model, batch, elapsed, results)
+
+    # ------------------------------------------------------------------ device thread
+    def _compute(self, model: str, batch: list[Job]) -> list[Any]:
+        """Run a batch; on failure split it and retry the halves (device thread)."""
+        try:
+            images = torch.cat([j.images for j in batch]) if len(batch) > 1 else batch[0].images
+            params = [p for j in batch for p in j.params]
+            outputs, served = self.runner(model, images, params)
+        except ServiceError as exc:  # e.g. the model cannot be loaded: same answer for all
+            return [exc] * len(batch)
+        except Exception as exc:
+            self._on_failure()
+            if _is_oom(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                log.warning("batch of one request failed: %r", exc)
+                return [BatchFailed(f"inference failed: {type(exc).__name__}: {exc}")]
+            mid = len(batch) // 2
+            log.warning("batch of %d requests failed (%r); splitting", len(batch), exc)
+            return self._compute(model, batch[:mid]) + self._compute(model, batch[mid:])
+        out: list[Any] = []
+        start = 0
+        for j in batch:
+            out.append((outputs[start : start + j.n], served))
+            start += j.n
+        return out

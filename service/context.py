@@ -1,0 +1,244 @@
+"""The running service's state, shared by every route: settings, models, batcher, metrics.
+
+Routers (ours and the admin router a later module adds) reach it as ``request.app.state.ctx``
+or through the :func:`get_ctx` dependency, and send work to the device only through
+:meth:`ServiceContext.infer`, so admission, deadlines, cancellation and metrics live in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from fastapi import Request
+
+from service.batcher import Batcher, Job, JobResult
+from service.errors import DeadlineExceeded, NotReady
+from service.metrics import ServiceMetrics
+from service.runtime import ImageOutput, ModelPool, ServedModel, resolve_device, run_batch
+from service.settings import ServiceSettings
+
+__all__ = ["ClientGone", "ServiceContext", "get_ctx"]
+
+log = logging.getLogger("deqguard.service")
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was queued; nobody is left to answer."""
+
+
+class ServiceContext:
+    """Owns the worker and the models for one app; created by :func:`service.app.create_app`."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.metrics = ServiceMetrics(self.device)
+        self.pool = ModelPool(
+            settings.model_store,
+            settings.model,
+            self.device,
+            capacity=settings.max_loaded_models,
+            steps=settings.solver_steps,
+        )
+        self.batcher = Batcher(
+            self._run,
+            max_batch=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            queue_size=settings.queue_size,
+            on_batch=self._on_batch,
+            on_reject=self.reject,
+            on_depth=self.metrics.queue_depth.set,
+            on_failure=self.metrics.batch_failures.inc,
+        )
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deqguard-decode")
+        self.loaded = False
+        self.warmed = False
+        self.draining = False
+        self.started_at = time.time()
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.loaded and self.warmed and not self.draining
+
+    async def startup(self) -> None:
+        """Load the default model and warm it up on the device thread, then turn ready."""
+        self.loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.batcher.start()
+        served = await self.batcher.call(self.pool.get, self.settings.model.partition("@")[0])
+        self._update_model_info()
+        self.loaded = True
+        for b in self.settings.warmup_batch_sizes:
+            x = torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+            await self.batcher.call(self._warm, served, x)
+        self.warmed = True
+        self.metrics.ready.set(1)
+        log.info(
+            "ready: model %s@%s (sha256 %s) on %s",
+            served.name,
+            served.version,
+            served.sha256[:12],
+            self.device,
+        )
+
+    def _warm(self, served: ServedModel, x: torch.Tensor) -> None:
+        from deqguard.defense import get_preset
+
+        run_batch(served, x, [get_preset("paper")] * x.shape[0], chunk=x.shape[0])
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        self.metrics.ready.set(0)
+        await self.batcher.stop()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    def begin_drain(self) -> None:
+        """Readiness goes false and no new work is admitted; in-flight work continues."""
+        if not self.draining:
+            log.info("draining: %d requests in flight", self.in_flight)
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or ``timeout`` seconds pass (False)."""
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ helpers for routes
+    def reject(self, reason: str) -> None:
+        self.metrics.rejections.labels(reason=reason).inc()
+
+    def check_admission(self) -> None:
+        if self.draining:
+            raise NotReady(
+                "the service is draining (shutting down); retry elsewhere", draining=True
+            )
+        if not (self.loaded and self.warmed):
+            raise NotReady("the service is starting: the model is not loaded and warmed up yet")
+
+    async def offload(self, fn: Any, *args: Any) -> Any:
+        """Run CPU-bound request work (decoding, validation) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+
+    def _update_model_info(self) -> None:
+        self.metrics.model_info.clear()
+        for served in self.pool.loaded():
+            self.metrics.model_info.labels(
+                name=served.name,
+                version=served.version,
+                sha256=served.sha256,
+                device=str(self.device),
+                default=str(served.name == self.pool.default_name).lower(),
+            ).set(1)
+
+    # ------------------------------------------------------------------ device path
+    def _run(
+        self, model: str, images: torch.Tensor, params: Sequence[Any]
+    ) -> tuple[list[ImageOutput], ServedModel]:
+        """Device thread: look up (maybe load) the model and run one batch."""
+        before = self.pool.peek(model)
+        served = self.pool.get(model)
+        if before is not served and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._update_model_info)
+        return run_batch(served, images, params, chunk=self.settings.max_batch_size), served
+
+    def _on_batch(self, model: str, jobs: list[Job], elapsed: float, results: list[Any]) -> None:
+        m = self.metrics
+        n = sum(j.n for j in jobs)
+        m.batch_size.observe(n)
+        m.inference_duration.labels(model=model).observe(elapsed)
+        for job, res in zip(jobs, results):
+            if isinstance(res, BaseException):
+                continue
+            m.queue_duration.observe(max(0.0, job.future.result().queue_s))
+            outputs, _served = res
+            m.images.labels(model=model).inc(len(outputs))
+            for out in outputs:
+                m.grad_steps.observe(out.grad_steps)
+                m.entropy.observe(out.entropy)
+
+    async def infer(
+        self,
+        model: str,
+        images: torch.Tensor,
+        params: Sequence[Any],
+        deadline_ms: float | None,
+        request: Request | None = None,
+    ) -> JobResult:
+        """Queue images for the device and wait: 429 when full, 504 past the deadline, and
+        withdrawal when the client disconnects first."""
+        self.check_admission()
+        assert self._idle is not None
+        loop = asyncio.get_running_loop()
+        budget = (deadline_ms or self.settings.default_deadline_ms) / 1000.0
+        job = Job(
+            model=model,
+            images=images,
+            params=list(params),
+            deadline=time.monotonic() + budget,
+            future=loop.create_future(),
+        )
+        self.batcher.submit(job)
+        self.in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.set(self.in_flight)
+        watcher = loop.create_task(_wait_disconnect(request)) if request is not None else None
+        try:
+            waiters: set[asyncio.Future[Any]] = {job.future}
+            if watcher is not None:
+                waiters.add(watcher)
+            done, _ = await asyncio.wait(
+                waiters, timeout=max(0.0, job.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+            if job.future in done:
+                return job.future.result()
+            if watcher is not None and watcher in done:
+                if self.batcher.cancel(job):
+                    self.reject("client_disconnected")
+                    raise ClientGone()
+                return await job.future  # already computing: finish, the answer is dropped
+            if self.batcher.cancel(job):
+                self.reject("deadline_exceeded")
+                raise DeadlineExceeded(
+                    f"deadline of {budget * 1000:.0f} ms passed while queued; dropped before compute",
+                    field="deadline_ms",
+                )
+            return await job.future
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.in_flight -= 1
+            self.metrics.in_flight.set(self.in_flight)
+            if self.in_flight == 0:
+                self._idle.set()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body has been read: only disconnect is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def get_ctx(request: Request) -> ServiceContext:
+    """FastAPI dependency: the service context of the app serving this request."""
+    return request.app.state.ctx

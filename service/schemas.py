@@ -1,0 +1,200 @@
+"""Request and response bodies of the HTTP API (v1 and the KServe v2 protocol).
+
+They exist so that the OpenAPI schema at ``/docs`` says exactly what is sent and returned, and
+so that schemathesis can hold the server to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DefenseFields",
+    "ErrorBody",
+    "ErrorResponse",
+    "ImagePrediction",
+    "InferInput",
+    "InferOutput",
+    "InferRequest",
+    "InferResponse",
+    "ModelInfo",
+    "ModelList",
+    "PredictJSON",
+    "PredictResponse",
+    "StepEntropy",
+    "Timing",
+]
+
+PRESET_DOC = "Defense preset: off (no input updates), paper (Tf 2, R 10), fast, strong."
+
+
+class DefenseFields(BaseModel):
+    """Per-request defense settings; each overrides the preset's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["off", "paper", "fast", "strong"] | None = Field(None, description=PRESET_DOC)
+    beta: float | None = Field(None, ge=0, le=1, description="input step size (l_inf, [0, 1])")
+    R: int | None = Field(None, ge=0, description="input-gradient steps per intervention")
+    Tf: int | None = Field(None, ge=1, description="intervene after every Tf-th solver step")
+    eps: float | None = Field(None, ge=0, le=1, description="l_inf radius around the input")
+    state: int | None = Field(None, ge=1, description="early state read out, 1..N (default N)")
+    model: str | None = Field(
+        None, max_length=200, description="model `name` or `name@version` (default: the server's)"
+    )
+    deadline_ms: float | None = Field(
+        None, gt=0, le=3_600_000, description="drop the request (504) if not started by then"
+    )
+
+
+class PredictJSON(DefenseFields):
+    """JSON form of /v1/predict: base64-encoded PNG/JPEG/WebP images plus settings."""
+
+    images: list[str] = Field(
+        ..., min_length=1, description="base64-encoded images (PNG, JPEG or WebP)"
+    )
+
+
+class StepEntropy(BaseModel):
+    step: int = Field(description="solver step t (1..N)")
+    entropy: float = Field(description="prediction entropy (nats) at the raw iterate z[t]")
+    defense_acted: bool = Field(description="the defense updated the input after this step")
+    post_entropy: float | None = Field(
+        None, description="entropy right after the defense's update (only where it acted)"
+    )
+
+
+class ImagePrediction(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    label: str
+    class_index: int
+    probabilities: dict[str, float]
+    entropy: float = Field(description="entropy (nats) of the returned prediction")
+    entropy_trace: list[StepEntropy]
+    state: int = Field(description="the solver state the prediction was read from")
+    final_residual: float
+    nfe: int = Field(description="f-evaluations of the solver")
+    grad_steps: int = Field(description="input-gradient steps the defense spent")
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    batch_size: int = Field(description="images in the device batch this request ran in")
+
+
+class ServedModelRef(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: ServedModelRef
+    defense: dict[str, Any] = Field(description="the defense settings applied")
+    predictions: list[ImagePrediction]
+    timing: Timing
+
+
+class ErrorBody(BaseModel):
+    code: int
+    reason: str
+    message: str
+    field: str | None = None
+    part: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    created: str = ""
+    model_config_: dict[str, Any] = Field(default_factory=dict, alias="model_config")
+    solver_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training_args: dict[str, Any] = Field(default_factory=dict)
+    notes: str = ""
+    size_bytes: int = -1
+    dataset_fingerprint: str | None = None
+    git_commit: str | None = None
+    loaded: bool = False
+    default: bool = False
+
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+# ---------------------------------------------------------------- KServe v2 (Open Inference Protocol)
+V2DataType = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: V2DataType
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput] = Field(..., min_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[InferOutput]
+
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]

@@ -1,0 +1,120 @@
+"""Service settings, read from ``DEQGUARD_*`` environment variables and validated at start.
+
+One declared class so that a typo or an impossible value stops the server with a clear message
+before it binds a port, instead of surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deqguard.store import default_store_root
+
+__all__ = ["ServiceSettings", "format_settings_error", "load_settings"]
+
+PresetName = Literal["off", "paper", "fast", "strong"]
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service can be told at start (env prefix ``DEQGUARD_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DEQGUARD_", extra="ignore", frozen=True)
+
+    model: str = "micro-trades-ri"
+    """Default model reference (``name`` or ``name@version``), loaded and warmed up at start."""
+    model_store: Path = Field(default_factory=default_store_root)
+    """Root of the model store (``DEQGUARD_MODEL_STORE``; default ``model_store/``)."""
+    data_dir: Path | None = None
+    """CIFAR-10 root (read by deqguard.data; the service itself only needs it for benchmarks)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    torch_threads: int = Field(default=0, ge=0, le=256)
+    """CPU threads for torch in the worker (0 keeps torch's default)."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    """Most images one device batch holds."""
+    max_batch_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    """How long the first queued request waits for others to join its batch."""
+    queue_size: int = Field(default=512, ge=1, le=1_000_000)
+    """Most images waiting for the device; more gets 429."""
+    default_deadline_ms: float = Field(default=30_000.0, gt=0.0, le=3_600_000.0)
+    """Deadline of a request that names none; passed while queued gives 504."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest request body; more gets 413."""
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1024)
+    """Largest decoded image (width x height); more gets 413 (Pillow's bomb guard is set to it)."""
+    max_images_per_request: int = Field(default=64, ge=1, le=4096)
+    """Most images in one request; more gets 413."""
+
+    default_preset: PresetName = "paper"
+    """Defense preset of a request that names none."""
+    max_defense_steps: int = Field(default=50, ge=0, le=10_000)
+    """Upper bound on a request's ``R`` (gradient steps per defense round), to bound its cost."""
+    solver_steps: int | None = Field(default=None, ge=1, le=256)
+    """Solver steps N per forward (default: the model's manifest, else 8)."""
+
+    max_loaded_models: int = Field(default=4, ge=1, le=64)
+    """Models kept in memory at once (the default model is never evicted)."""
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+    """Batch sizes run once at start before /readyz turns ready."""
+
+    drain_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0)
+    """After SIGTERM: how long in-flight work may take to finish."""
+    drain_delay_s: float = Field(default=0.0, ge=0.0, le=600.0)
+    """After SIGTERM: keep answering (503 on /readyz and new work) at least this long."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        from deqguard.store import StoreError, parse_ref
+
+        try:
+            parse_ref(v)
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> ServiceSettings:
+        for b in self.warmup_batch_sizes:
+            if not 1 <= b <= self.max_batch_size:
+                raise ValueError(
+                    f"warmup_batch_sizes: {b} is outside 1..max_batch_size ({self.max_batch_size})"
+                )
+        return self
+
+
+def format_settings_error(exc: ValidationError) -> str:
+    """One line per bad variable, named as the operator wrote it (DEQGUARD_...)."""
+    lines = ["invalid service settings:"]
+    for err in exc.errors():
+        loc = "_".join(str(p) for p in err["loc"]) if err["loc"] else "(settings)"
+        name = f"DEQGUARD_{loc.upper()}" if err["loc"] else loc
+        lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> ServiceSettings:
+    """Settings from the environment (overrides win); raises SystemExit with a clear message."""
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        raise SystemExit(format_settings_error(exc)) from None
