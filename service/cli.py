@@ -94,13 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
 
+    from service.admin import admin_routers
     from service.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    app = create_app(settings)
+    app = create_app(settings, extra_routers=admin_routers())
     config = uvicorn.Config(
         app,
         host=settings.host,
