@@ -50,6 +50,21 @@ class AuditStopped(Exception):
     """Raised through the gate: the job was cancelled or the server is stopping."""
 
 
+class _GateInBackward(torch.autograd.Function):
+    """Identity whose backward passes the gate first, so that the backward passes of attacks
+    and of the defense also yield to predict traffic one f-evaluation at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, gate: Gate) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate = gate
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        ctx.gate()
+        return grad, None
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """PGD under l_inf against the unrolled dynamics read at ``state`` (a fraction of N)."""
@@ -130,7 +145,10 @@ class AuditTask:
 
         def gated_cell(z: torch.Tensor, injection: Any) -> torch.Tensor:
             gate()
-            return cell(z, injection)
+            out = cell(z, injection)
+            if torch.is_grad_enabled() and out.requires_grad:
+                out = _GateInBackward.apply(out, gate)
+            return out
 
         model.cell = gated_cell  # type: ignore[method-assign]  # this copy only
 

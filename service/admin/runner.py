@@ -150,6 +150,7 @@ class AuditRunner:
                 data_root=self.ctx.settings.data_dir,
                 device=self.ctx.device,
                 gate=gate,
+                chunk=self.settings.audit_chunk_size,
             )
         except AuditStopped:
             self._stopped(job_id)
