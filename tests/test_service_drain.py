@@ -1,0 +1,59 @@
+"""SIGTERM: readiness turns false, new work gets 503, in-flight work finishes, exit code 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from deqguard.data import load_test
+from service.imaging import encode_png
+from tests.conftest import LiveServer, service_command, service_env
+
+
+def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
+    server = LiveServer(
+        service_command(),
+        env=service_env(service_store, max_batch_size=1, drain_delay_s=1.5, drain_grace_s=120),
+    ).start()
+    try:
+        url = server.url
+        pngs = [encode_png(img.numpy()) for img in load_test(n=3).images]
+        results: list[int] = []
+
+        def call(png: bytes) -> None:
+            r = httpx.post(
+                url + "/v1/predict?preset=paper",
+                content=png,
+                headers={"Content-Type": "image/png"},
+                timeout=300,
+            )
+            results.append(r.status_code)
+
+        threads = [threading.Thread(target=call, args=(p,)) for p in pngs]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/readyz").json()["in_flight"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        assert httpx.get(url + "/v2/health/ready").status_code == 503
+        new = httpx.post(
+            url + "/v1/predict", content=pngs[0], headers={"Content-Type": "image/png"}
+        )
+        assert new.status_code == 503 and new.json()["error"]["reason"] == "draining"
+
+        for t in threads:
+            t.join(timeout=300)
+        assert results == [200, 200, 200]
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.stop()

@@ -1,0 +1,218 @@
+"""Service parts without a server: batcher, image decoding, settings, the app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi import APIRouter, Depends
+from PIL import Image
+
+from service.batcher import Batcher, Job
+from service.errors import BatchFailed, DeadlineExceeded, PayloadTooLarge, QueueFull
+from service.imaging import decode_image, encode_png
+from service.settings import ServiceSettings, format_settings_error, load_settings
+
+
+# --------------------------------------------------------------------------------- batcher
+def _job(loop: asyncio.AbstractEventLoop, tag: float, n: int = 1, deadline_s: float = 30.0) -> Job:
+    return Job(
+        model="m",
+        images=torch.full((n, 3, 32, 32), tag),
+        params=[None] * n,
+        deadline=time.monotonic() + deadline_s,
+        future=loop.create_future(),
+    )
+
+
+def _tag_runner(calls: list[int], poison: float | None = None, delay: float = 0.0):
+    def run(model: str, images: torch.Tensor, params: list) -> tuple[list[float], str]:
+        calls.append(images.shape[0])
+        time.sleep(delay)
+        tags = images[:, 0, 0, 0].tolist()
+        if poison is not None and poison in tags:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return tags, "served"
+
+    return run
+
+
+def test_batcher_batches_and_splits_results() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        b = Batcher(_tag_runner(calls), max_batch=8, max_delay_s=0.05, queue_size=64)
+        b.start()
+        jobs = [_job(loop, float(i), n=2) for i in range(3)]
+        for j in jobs:
+            b.submit(j)
+        results = await asyncio.gather(*(j.future for j in jobs))
+        assert calls == [6]
+        assert [r.outputs for r in results] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+        assert all(r.batch_size == 6 for r in results)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        failures: list[int] = []
+        b = Batcher(
+            _tag_runner(calls, poison=5.0),
+            max_batch=8,
+            max_delay_s=0.05,
+            queue_size=64,
+            on_failure=lambda: failures.append(1),
+        )
+        b.start()
+        jobs = [_job(loop, float(i)) for i in range(8)]
+        for j in jobs:
+            b.submit(j)
+        done = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        for i, r in enumerate(done):
+            if i == 5:
+                assert isinstance(r, BatchFailed) and "out of memory" in str(r)
+            else:
+                assert r.outputs == [float(i)]
+        assert calls[0] == 8 and len(failures) == 4  # 8 -> 4 -> 2 -> 1 failed
+        # the worker survives
+        again = _job(loop, 1.0)
+        b.submit(again)
+        assert (await again.future).outputs == [1.0]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_queue_bound_deadline_and_cancel() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        rejected: list[str] = []
+        b = Batcher(
+            _tag_runner(calls, delay=0.3),
+            max_batch=1,
+            max_delay_s=0.0,
+            queue_size=2,
+            on_reject=rejected.append,
+        )
+        b.start()
+        first = _job(loop, 0.0)
+        b.submit(first)
+        await asyncio.sleep(0.05)  # first is computing now
+        late = _job(loop, 1.0, deadline_s=0.1)
+        cancelled = _job(loop, 2.0)
+        b.submit(late)
+        b.submit(cancelled)
+        with pytest.raises(QueueFull) as full:
+            b.submit(_job(loop, 3.0))
+        assert full.value.headers["Retry-After"].isdigit()
+        assert b.cancel(cancelled) and b.queued_images == 1
+        assert (await first.future).outputs == [0.0]
+        with pytest.raises(DeadlineExceeded):
+            await late.future
+        assert rejected == ["deadline_exceeded"] and calls == [1]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------- imaging
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_32x32_rgb_png_is_exact() -> None:
+    arr = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    out = decode_image(encode_png(arr), "x", max_pixels=10_000)
+    assert out.dtype == np.uint8 and (out == arr).all()
+
+
+def test_modes_sizes_and_alpha() -> None:
+    red = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent -> white
+    out = decode_image(_encode(red), "p", max_pixels=10_000)
+    assert out.shape == (3, 32, 32) and (out == 255).all()
+    grey = decode_image(_encode(Image.new("L", (10, 90), 77)), "p", max_pixels=10_000)
+    assert (grey == 77).all()
+    cmyk = decode_image(_encode(Image.new("CMYK", (40, 40)), "JPEG"), "p", max_pixels=10_000)
+    assert cmyk.shape == (3, 32, 32)
+
+
+def test_pixel_limit_and_decompression_bomb_guard() -> None:
+    data = _encode(Image.new("1", (300, 300)))
+    with pytest.raises(PayloadTooLarge, match="90000 pixels"):
+        decode_image(data, "img", max_pixels=50_000)
+    # Pillow's guard is set to the same limit: a header claiming a huge image fails early
+    assert Image.MAX_IMAGE_PIXELS == 50_000
+
+
+# --------------------------------------------------------------------------------- settings
+def test_settings_from_env_and_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEQGUARD_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("DEQGUARD_DEVICE", "cpu")
+    s = ServiceSettings()
+    assert s.max_batch_size == 16 and s.device == "cpu" and s.model == "micro-trades-ri"
+    monkeypatch.setenv("DEQGUARD_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("DEQGUARD_DEVICE", "tpu")
+    with pytest.raises(SystemExit) as exc:
+        load_settings()
+    msg = str(exc.value)
+    assert "DEQGUARD_MAX_BATCH_SIZE" in msg and "DEQGUARD_DEVICE" in msg
+    monkeypatch.delenv("DEQGUARD_MAX_BATCH_SIZE")
+    monkeypatch.delenv("DEQGUARD_DEVICE")
+    monkeypatch.setenv("DEQGUARD_MODEL", "../evil")
+    with pytest.raises(SystemExit, match="DEQGUARD_MODEL"):
+        load_settings()
+    assert callable(format_settings_error)
+
+
+def test_serve_names_a_missing_default_model(tmp_path: Path, capsys) -> None:
+    from service.cli import main
+
+    code = main(["--model-store", str(tmp_path), "--model", "micro-trades-ri"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "micro-trades-ri" in err and "not found" in err and str(tmp_path) in err
+
+
+# ------------------------------------------------------------------------ app, not started
+def test_not_ready_is_503_and_extra_routers_are_included(service_store: Path) -> None:
+    from service.app import create_app
+    from service.context import ServiceContext, get_ctx
+
+    extra = APIRouter()
+
+    @extra.get("/admin/ping")
+    async def ping(ctx: ServiceContext = Depends(get_ctx)) -> dict[str, object]:
+        return {"ready": ctx.ready, "model": ctx.settings.model}
+
+    settings = ServiceSettings(model_store=service_store, model="test-micro", device="cpu")
+    app = create_app(settings, extra_routers=[extra])
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the model never loads
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            r = await client.post(
+                "/v1/predict", content=b"x", headers={"Content-Type": "image/png"}
+            )
+            assert r.status_code == 503 and r.json()["error"]["reason"] == "not_ready"
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/livez")).status_code == 200
+            assert (await client.get("/admin/ping")).json() == {
+                "ready": False,
+                "model": "test-micro",
+            }
+            assert "deqguard_rejections_total" in (await client.get("/metrics")).text
+
+    asyncio.run(main())
