@@ -1,0 +1,127 @@
+"""`deqguard audit`: audit a store entry and a defense; writes report.json, plots, summary.md.
+
+Example::
+
+    deqguard audit micro-trades --defense paper --suite quick -n 64 --out docs/audits/x
+    torchrun --nproc_per_node 2 -m deqguard.audit.cli micro-trades --suite paper -n 1000 --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deqguard.audit.config import SUITES, AuditConfig
+from deqguard.audit.engine import AuditCancelled, AuditRunner
+from deqguard.audit.plots import write_plots
+from deqguard.audit.report import markdown_summary
+from deqguard.defense import DefenseParams, list_presets
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deqguard audit", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="model store reference name[@version]")
+    p.add_argument("--store", default=None, help="model store root (default: model_store/)")
+    p.add_argument(
+        "--defense",
+        default="paper",
+        help=f"preset ({', '.join(list_presets())}) or JSON of DefenseParams fields",
+    )
+    p.add_argument("--suite", default="quick", choices=SUITES)
+    p.add_argument("-n", type=int, default=1000, help="first n test images (official order)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=8, help="solver steps N")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--pgd-restarts", type=int, default=1)
+    p.add_argument(
+        "--grid",
+        default="full",
+        help="Eq. 11 subset for the paper suite (full, half, states, quick)",
+    )
+    p.add_argument("--no-autoattack", action="store_true", help="paper suite without AutoAttack")
+    p.add_argument(
+        "--aa-attacks",
+        default="",
+        help="comma-separated custom AutoAttack list (default: standard)",
+    )
+    p.add_argument("--aa-apgd-iters", type=int, default=None)
+    p.add_argument("--square-queries", type=int, default=5000)
+    p.add_argument("--transfer-from", default=None, help="store entry to craft transfer attacks on")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _defense(text: str) -> str | DefenseParams:
+    if text.lstrip().startswith("{"):
+        return DefenseParams.from_dict(json.loads(text))
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help (0) or a usage error (2): an exit code, not an exit
+        return int(exc.code or 0)
+    try:
+        aa = tuple(a for a in args.aa_attacks.split(",") if a)
+        cfg = AuditConfig(
+            model=args.model,
+            store_root=args.store,
+            defense=_defense(args.defense),
+            suite=args.suite,
+            n=args.n,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            steps=args.steps,
+            pgd_steps=args.pgd_steps,
+            pgd_restarts=args.pgd_restarts,
+            grid=args.grid,
+            autoattack=not args.no_autoattack,
+            aa_version="custom" if aa else "standard",
+            aa_attacks=aa,
+            aa_apgd_iters=args.aa_apgd_iters,
+            square_queries=args.square_queries,
+            transfer_from=args.transfer_from,
+            device=args.device,
+        )
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"deqguard audit: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = AuditRunner(cfg)
+
+    def progress(info: dict[str, Any]) -> None:
+        if not args.quiet:
+            print(
+                f"batch {info['batch']}: {info['done']}/{info['total']} done, {info['elapsed_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    try:
+        report = runner.run(progress=progress, state_path=out / "state.json")
+    except AuditCancelled as exc:
+        print(f"deqguard audit: {exc}", file=sys.stderr)
+        return 3
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plots = write_plots(report, out)
+    (out / "summary.md").write_text(markdown_summary(report, plots))
+    if not args.quiet:
+        print(markdown_summary(report), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

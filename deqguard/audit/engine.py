@@ -1,0 +1,351 @@
+"""The audit engine: batch by batch, resumable, cancellable, shardable.
+
+:class:`AuditRunner` computes one batch at a time (:meth:`AuditRunner.run_batch`) into a
+JSON-serialisable record; :meth:`AuditRunner.run` drives the batches with a progress callback,
+checks a cancellation callback between batches, saves the finished batches to ``state_path``
+after each one (atomically) and skips them when started again, so a cancelled or killed audit
+resumes to the uninterrupted result. Every random draw is seeded by (seed, batch, attack).
+Under ``torchrun`` (or with ``shard=(rank, world)``) each process takes every world-th batch and
+rank 0 gathers the records and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deqguard.attacks import (
+    AutoAttackConfig,
+    DefendedSurrogate,
+    IntermediateSpec,
+    IntermediateSurrogate,
+    PGDConfig,
+    SurrogateDecision,
+    pgd_attack,
+    run_autoattack,
+    square_attack,
+)
+from deqguard.audit.config import AttackPlan, AuditConfig, build_suite
+from deqguard.audit.report import build_report
+from deqguard.configs import SolverConfig
+from deqguard.defense import DefenseResult, defended_forward
+from deqguard.dynamics import deq_forward
+from deqguard.models.mdeq import MDEQClassifier
+
+__all__ = ["AuditCancelled", "AuditRunner", "Progress"]
+
+Progress = Callable[[dict[str, Any]], None]
+"""Called after each batch with {"done", "total", "batch", "elapsed_s", "clean_correct", ...}."""
+
+
+class AuditCancelled(Exception):
+    """Raised by run() when should_cancel() said so between batches (finished batches are saved)."""
+
+
+def _seed(*parts: int) -> int:
+    h = 0x9E3779B9
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (2**31 - 1)
+    return h
+
+
+@dataclass
+class _Clean:
+    """The defended and undefended dynamics on the clean batch (for deviations and curves)."""
+
+    res: DefenseResult
+    undefended_entropy: Tensor  # [N, B]
+
+
+@dataclass
+class AuditRunner:
+    """One audit. Pass ``model`` (and optionally ``images``/``labels``) to skip the store and
+    the dataset (tests, the service's private model copy)."""
+
+    config: AuditConfig
+    model: MDEQClassifier | None = None
+    images: Tensor | None = None  # [n, 3, 32, 32] float in [0, 1]
+    labels: Tensor | None = None  # [n] int64
+    solver: SolverConfig | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    transfer_model: MDEQClassifier | None = None
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if self.model is None:
+            from deqguard.store import default_store_root, load_entry
+
+            root = cfg.store_root or default_store_root()
+            entry = load_entry(root, cfg.model, cfg.device)
+            self.model = entry.model
+            self.solver = self.solver or entry.manifest.solver
+            self.model_info = {
+                "ref": entry.manifest.ref,
+                "sha256": entry.sha256,
+                "config": entry.manifest.model_config,
+            }
+        self.model.eval()
+        self.model_info.setdefault("ref", cfg.model)
+        if self.images is None or self.labels is None:
+            from deqguard.data import load_test
+
+            split = load_test(n=cfg.n)
+            self.images = split.float_images(cfg.device)
+            self.labels = split.labels.to(cfg.device)
+        self.images, self.labels = self.images[: cfg.n], self.labels[: cfg.n]
+        if cfg.transfer_from and self.transfer_model is None:
+            from deqguard.store import default_store_root, load_entry
+
+            root = cfg.store_root or default_store_root()
+            self.transfer_model = load_entry(root, cfg.transfer_from, cfg.device).model
+        self.plans: list[AttackPlan] = build_suite(cfg)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def total_batches(self) -> int:
+        assert self.labels is not None
+        return -(-len(self.labels) // self.config.batch_size)
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        assert self.images is not None and self.labels is not None
+        bs = self.config.batch_size
+        return self.images[index * bs : (index + 1) * bs], self.labels[
+            index * bs : (index + 1) * bs
+        ]
+
+    def _defended(self, x: Tensor) -> DefenseResult:
+        assert self.model is not None
+        return defended_forward(
+            self.model,
+            x,
+            self.config.defense_params,
+            self.solver,
+            steps=self.config.steps,
+            trace=True,
+        )
+
+    # ------------------------------------------------------------------ one batch
+    def _record(self, x_adv: Tensor, y: Tensor, clean: _Clean) -> dict[str, Any]:
+        """Defended decision, entropies and state deviation on one attack's output."""
+        assert self.model is not None
+        res = self._defended(x_adv)
+        und = deq_forward(self.model, x_adv, self.solver, steps=self.config.steps).step_entropy
+        assert res.trace is not None and clean.res.trace is not None and und is not None
+        zc, za = clean.res.trace.states, res.trace.states  # [N, B, D]
+        dev = (za - zc).flatten(2).norm(dim=2) / zc.flatten(2).norm(dim=2).clamp_min(1e-12)
+        return {
+            "correct": (res.prediction == y).tolist(),
+            "entropy": res.entropy.tolist(),
+            "step_entropy_sum": res.step_entropy.sum(1).tolist(),
+            "undefended_step_entropy_sum": und.sum(1).tolist(),
+            "state_dev_sum": dev.sum(1).tolist(),
+        }
+
+    def _attack(
+        self,
+        plan: AttackPlan,
+        a: int,
+        index: int,
+        x: Tensor,
+        y: Tensor,
+        strongest: IntermediateSpec | None,
+    ) -> Tensor:
+        """The adversarial batch of one plan."""
+        cfg, model = self.config, self.model
+        assert model is not None
+        seed = _seed(cfg.seed, index, a)
+        gen = torch.Generator().manual_seed(seed)
+        pgd = PGDConfig(
+            eps=cfg.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=cfg.pgd_restarts
+        )
+        params = cfg.defense_params
+
+        def decide(v: Tensor) -> Tensor:
+            return defended_forward(model, v, params, self.solver, steps=cfg.steps).logits
+
+        decider = decide if cfg.pgd_restarts > 1 else None  # restarts pick by the defended decision
+        if plan.kind in ("pgd", "transfer"):
+            assert plan.spec is not None
+            src = self.transfer_model if plan.kind == "transfer" else model
+            assert src is not None
+            sur = IntermediateSurrogate(src, plan.spec, self.solver)
+            return pgd_attack(sur, x, y, pgd, decider=decider, generator=gen).x_adv
+        if plan.kind in ("bpda", "exact"):
+            assert plan.spec is not None
+            sur = DefendedSurrogate(
+                model, params, plan.spec, self.solver, steps=cfg.steps, grad=plan.kind
+            )
+            return pgd_attack(sur, x, y, pgd, decider=decider, generator=gen).x_adv
+        if plan.kind == "autoattack":
+            spec = strongest or IntermediateSpec(max(1, cfg.steps // 2), 5, 0.5)
+            sur = IntermediateSurrogate(model, spec, self.solver)
+            aa = AutoAttackConfig(
+                eps=cfg.eps,
+                version=cfg.aa_version,
+                attacks=cfg.aa_attacks,
+                seed=seed,
+                apgd_iters=cfg.aa_apgd_iters,
+                square_queries=None if cfg.square_queries == 5000 else cfg.square_queries,
+            )
+            x_adv, _ = run_autoattack(SurrogateDecision(decide, sur), x, y, aa, batch_size=len(y))
+            return x_adv
+        if plan.kind == "square":
+            x_adv, _ = square_attack(
+                decide, x, y, eps=cfg.eps, queries=cfg.square_queries, seed=seed, batch_size=len(y)
+            )
+            return x_adv
+        raise ValueError(f"unknown attack kind {plan.kind!r}")
+
+    def run_batch(
+        self, index: int, should_cancel: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
+        """The record of batch ``index``: labels, clean results and one entry per plan.
+
+        ``should_cancel`` is also polled between attacks (a cancelled batch is discarded).
+        """
+        assert self.model is not None
+        x, y = self.batch(index)
+        clean_res = self._defended(x)
+        und = deq_forward(self.model, x, self.solver, steps=self.config.steps).step_entropy
+        assert und is not None
+        clean = _Clean(clean_res, und)
+        records: list[dict[str, Any]] = []
+        strongest: IntermediateSpec | None = None
+        best = None
+        for a, plan in enumerate(self.plans):
+            if should_cancel is not None and should_cancel():
+                raise AuditCancelled(f"cancelled during batch {index}")
+            x_adv = self._attack(plan, a, index, x, y, strongest)
+            if (x_adv - x).abs().max() > self.config.eps + 1e-6:  # never report an invalid attack
+                raise RuntimeError(f"{plan.name} left the eps-ball")
+            rec = self._record(x_adv, y, clean)
+            records.append(rec)
+            if plan.kind == "pgd":
+                score = sum(rec["correct"])
+                if best is None or score < best:
+                    best, strongest = score, plan.spec
+        return {
+            "index": index,
+            "labels": y.tolist(),
+            "clean_correct": (clean_res.prediction == y).tolist(),
+            "clean_entropy": clean_res.entropy.tolist(),
+            "clean_step_entropy_sum": clean_res.step_entropy.sum(1).tolist(),
+            "clean_undefended_step_entropy_sum": und.sum(1).tolist(),
+            "attacks": records,
+        }
+
+    # ------------------------------------------------------------------ driving
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model_info,
+            "plans": [p.to_dict() for p in self.plans],
+        }
+
+    def _load_state(self, path: Path) -> dict[int, dict[str, Any]]:
+        if not path.exists():
+            return {}
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != json.loads(json.dumps(self._fingerprint())):
+            raise ValueError(
+                f"{path} holds partial results of a different audit; refusing to mix them"
+            )
+        return {int(k): v for k, v in state["batches"].items()}
+
+    def _save_state(self, path: Path, done: dict[int, dict[str, Any]]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "fingerprint": self._fingerprint(),
+                    "batches": {str(k): v for k, v in done.items()},
+                }
+            )
+        )
+        os.replace(tmp, path)
+
+    def run(
+        self,
+        *,
+        progress: Progress | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        state_path: str | os.PathLike[str] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
+        """Run (or resume) the audit and return the report (rank 0 under sharding; other
+        ranks return their partial report). Raises AuditCancelled after saving."""
+        rank, world = shard if shard is not None else _dist_shard()
+        path = None if state_path is None else Path(state_path)
+        if path is not None and world > 1:
+            path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+        done = self._load_state(path) if path is not None else {}
+        mine = [b for b in range(self.total_batches) if b % world == rank]
+        start = time.perf_counter()
+        for b in mine:
+            if b in done:
+                continue
+            if should_cancel is not None and should_cancel():
+                raise AuditCancelled(f"cancelled before batch {b} ({len(done)} batches saved)")
+            done[b] = self.run_batch(b, should_cancel)
+            if path is not None:
+                self._save_state(path, done)
+            if progress is not None:
+                progress(
+                    {
+                        "done": len(done),
+                        "total": len(mine),
+                        "batch": b,
+                        "elapsed_s": time.perf_counter() - start,
+                        "clean_correct": sum(done[b]["clean_correct"]),
+                        "batch_size": len(done[b]["labels"]),
+                    }
+                )
+        records = list(done.values())
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        return self.report(records, elapsed_s=time.perf_counter() - start)
+
+    def report(self, records: list[dict[str, Any]], elapsed_s: float = 0.0) -> dict[str, Any]:
+        notes = []
+        cfg = self.config
+        if cfg.suite == "paper" and cfg.grid != "full":
+            notes.append(f"Eq. 11 grid subset `{cfg.grid}`, not the full 144 attacks")
+        if cfg.suite == "paper" and (
+            cfg.aa_apgd_iters is not None
+            or cfg.square_queries != 5000
+            or cfg.aa_version != "standard"
+        ):
+            notes.append("AutoAttack with non-standard budgets or attacks (see config)")
+        if cfg.suite == "adaptive" and cfg.square_queries != 5000:
+            notes.append(f"Square with {cfg.square_queries} queries (standard: 5000)")
+        if cfg.pgd_steps != 10:
+            notes.append(f"PGD-{cfg.pgd_steps} instead of PGD-10")
+        return build_report(
+            cfg.to_dict(),
+            self.model_info,
+            [p.to_dict() for p in self.plans],
+            records,
+            total_batches=self.total_batches,
+            elapsed_s=elapsed_s,
+            notes=notes,
+        )
+
+
+def _dist_shard() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; initialises a gloo group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return torch.distributed.get_rank(), world

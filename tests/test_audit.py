@@ -1,0 +1,183 @@
+"""Audit engine: report schema, statistics, cancel + resume = uninterrupted, CLI outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deqguard.audit import (
+    AuditCancelled,
+    AuditConfig,
+    AuditRunner,
+    ReportValidationError,
+    build_report,
+    build_suite,
+    markdown_summary,
+    validate_report,
+    wilson_interval,
+    write_plots,
+)
+from deqguard.defense import DefenseParams
+from deqguard.models import build_model
+
+DEFENSE = DefenseParams(R=1, Tf=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("micro").eval()
+    with torch.no_grad():
+        m.classifier.weight.mul_(30)
+    return m
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])
+
+
+def _cfg(**kw) -> AuditConfig:
+    base = dict(model="t", suite="quick", n=4, batch_size=2, steps=2, pgd_steps=1, defense=DEFENSE)
+    base.update(kw)
+    return AuditConfig(**base)
+
+
+def _strip(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "elapsed_s"}
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-4
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="suite"):
+        _cfg(suite="nope")
+    with pytest.raises(ValueError, match="preset"):
+        _cfg(defense="nope")
+    with pytest.raises(ValueError, match="batch_size"):
+        _cfg(batch_size=0)
+    with pytest.raises(ValueError, match="subset"):
+        _cfg(grid="nope")
+    assert len(build_suite(_cfg(suite="paper", steps=8))) == 145
+    assert len(build_suite(_cfg(suite="paper", steps=8, autoattack=False))) == 144
+    kinds = {p.kind for p in build_suite(_cfg(suite="adaptive"))}
+    assert kinds == {"bpda", "exact", "square"}
+    assert AuditConfig.from_dict(_cfg().to_dict()) == _cfg()
+
+
+def _record(correct: list[bool], entropy: list[float]) -> dict:
+    return {
+        "correct": correct,
+        "entropy": entropy,
+        "step_entropy_sum": [sum(entropy)] * 2,
+        "undefended_step_entropy_sum": [sum(entropy)] * 2,
+        "state_dev_sum": [0.1, 0.2],
+    }
+
+
+def test_headline_vs_per_sample_worst_case_and_entropy_stats() -> None:
+    batch = {
+        "index": 0,
+        "labels": [0, 1, 2, 3],
+        "clean_correct": [True, True, True, False],
+        "clean_entropy": [0.1, 0.2, 0.3, 0.4],
+        "clean_step_entropy_sum": [1.0, 1.0],
+        "clean_undefended_step_entropy_sum": [1.0, 1.2],
+        "attacks": [
+            _record([False, True, True, True], [0.5, 0.1, 0.3, 0.4]),
+            _record([True, False, True, False], [0.2, 0.5, 0.6, 0.0]),
+        ],
+    }
+    plans = [
+        {"name": "a", "kind": "pgd", "spec": "z1-Ka1-lam1"},
+        {"name": "b", "kind": "pgd", "spec": None},
+    ]
+    r = build_report({"model": "t"}, {"ref": "t"}, plans, [batch], total_batches=1)
+    assert r["clean"]["correct"] == 3
+    assert [a["robust"]["correct"] for a in r["attacks"]] == [2, 2]  # clean-wrong never counts
+    assert r["headline"]["robust"]["correct"] == 2
+    assert r["worst_case"]["correct"] == 1  # only sample 2 survives both
+    a = r["attacks"][0]
+    assert a["P"] == pytest.approx(0.25)  # only sample 0 has lower clean entropy
+    assert a["delta_H"] == pytest.approx((0.1 - 0.5 + 0.2 - 0.1) / 4)
+    assert r["clean_undefended_entropy_curve"] == [0.25, 0.3]
+    validate_report(r)
+    bad = dict(r, clean={"correct": 3})
+    with pytest.raises(ReportValidationError, match="clean"):
+        validate_report(bad)
+    with pytest.raises(ReportValidationError, match="kind"):
+        validate_report(dict(r, kind="other"))
+
+
+def test_cancel_and_resume_give_the_uninterrupted_result(model, data, tmp_path) -> None:
+    x, y = data
+    full = AuditRunner(_cfg(), model=model, images=x, labels=y).run()
+    validate_report(full)
+    assert full["complete"] and full["n"] == 4
+
+    seen: list[dict] = []
+    state = tmp_path / "state.json"
+    runner = AuditRunner(_cfg(), model=model, images=x, labels=y)
+    with pytest.raises(AuditCancelled):
+        runner.run(progress=seen.append, should_cancel=lambda: len(seen) >= 1, state_path=state)
+    assert [s["done"] for s in seen] == [1] and state.exists()
+    resumed = AuditRunner(_cfg(), model=model, images=x, labels=y).run(
+        progress=seen.append, state_path=state
+    )
+    assert [s["done"] for s in seen] == [1, 2]  # only the missing batch ran
+    assert _strip(resumed) == _strip(full)
+    with pytest.raises(ValueError, match="different audit"):
+        AuditRunner(_cfg(seed=1), model=model, images=x, labels=y).run(state_path=state)
+
+
+def test_sharding_covers_every_batch_once(model, data) -> None:
+    x, y = data
+    runner = AuditRunner(_cfg(), model=model, images=x, labels=y)
+    parts = [runner.run(shard=(r, 2)) for r in range(2)]
+    assert [p["batches"] for p in parts] == [1, 1]
+    assert sum(p["n"] for p in parts) == 4
+
+
+def test_adaptive_suite_report_plots_and_summary(model, data, tmp_path) -> None:
+    x, y = data
+    cfg = _cfg(suite="adaptive", n=2, square_queries=2, adaptive_ka=1)
+    report = AuditRunner(cfg, model=model, images=x, labels=y).run()
+    validate_report(report)
+    assert len(report["attacks"]) == 4
+    assert len(report["attacks"][0]["state_deviation"]) == 2
+    assert any("Square with 2 queries" in n for n in report["notes"])
+    plots = write_plots(report, tmp_path)
+    assert all((tmp_path / p).stat().st_size > 0 for p in plots)
+    assert "per-sample worst case" in markdown_summary(report, plots)
+
+
+def test_cli_writes_report_plots_and_summary(model, tmp_path) -> None:
+    from deqguard.audit.cli import main
+    from deqguard.data import DatasetError, load_test
+    from deqguard.store import save_entry
+
+    try:
+        load_test(n=2)
+    except DatasetError:
+        pytest.skip("CIFAR-10 not available")
+    save_entry(tmp_path / "store", "m", model, version="1")
+    out = tmp_path / "out"
+    argv = ["m", "--store", str(tmp_path / "store"), "--defense", '{"R": 1, "Tf": 1}', "-n", "2"]
+    argv += ["--batch-size", "2", "--steps", "2", "--pgd-steps", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["model"]["ref"] == "m@1" and report["config"]["defense"] == "custom"
+    assert (out / "summary.md").exists() and (out / "entropy.png").exists()
+    assert (
+        main(["m", "--store", str(tmp_path / "store"), "--suite", "nope", "--out", str(out)]) != 0
+    )
