@@ -37,8 +37,18 @@ class BranchBlock(nn.Module):
         self.gn3 = nn.GroupNorm(num_groups, channels)
 
     def forward(self, z: Tensor, injection: Tensor | None, mask: Tensor | None) -> Tensor:
-        out = F.relu(self.gn1(self.conv1(z)))
-        out = self.conv2(out)
+        return self.outer(self.inner(z), z, injection, mask)
+
+    def inner(self, z: Tensor) -> Tensor:
+        """The residual path up to the second conv: depends on z alone (not on the input), so
+        it can be reused while z is held and only the injection changes."""
+        return self.conv2(F.relu(self.gn1(self.conv1(z))))
+
+    def outer(
+        self, inner: Tensor, z: Tensor, injection: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        """The rest of the block given ``inner = self.inner(z)``."""
+        out = inner
         if mask is not None:
             out = out * mask
         if injection is not None:

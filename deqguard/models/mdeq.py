@@ -157,11 +157,23 @@ class MDEQClassifier(nn.Module):
 
     def cell(self, z: Tensor, injection: Injection) -> Tensor:
         """f(z; x): flat [B, D] -> flat [B, D]. Per-sample: no statistic crosses the batch."""
+        return self.cell_outer(z, self.cell_inner(z), injection)
+
+    def cell_inner(self, z: Tensor) -> list[Tensor]:
+        """The part of f that depends on z alone: each branch block's residual path
+        [B, C_i, H_i, W_i] (most of f's MACs). Reusable while z is held fixed and only the
+        input changes, as in the test-time defense's input updates."""
+        return [blk.inner(b) for blk, b in zip(self.blocks, self.unflatten(z), strict=True)]
+
+    def cell_outer(self, z: Tensor, inner: list[Tensor], injection: Injection) -> Tensor:
+        """f(z; x) given ``inner = self.cell_inner(z)``: injection, norms, fusion."""
         branches = self.unflatten(z)
         masks = injection.masks
         outs = [
-            blk(b, injection.features if i == 0 else None, None if masks is None else masks[i])
-            for i, (blk, b) in enumerate(zip(self.blocks, branches, strict=True))
+            blk.outer(
+                h, b, injection.features if i == 0 else None, None if masks is None else masks[i]
+            )
+            for i, (blk, h, b) in enumerate(zip(self.blocks, inner, branches, strict=True))
         ]
         fused = []
         for i, row in enumerate(self.fuse):
