@@ -110,7 +110,6 @@ def start_server(args: argparse.Namespace, store: Path, state: Path, port: int) 
         DEQGUARD_DEVICE=args.device,
         DEQGUARD_ADMIN_TOKEN=TOKEN,
         DEQGUARD_STATE_DIR=str(state),
-        DEQGUARD_AUDIT_CHUNK_SIZE=str(args.chunk),
     )
     if os.environ.get("DEQGUARD_DATA_DIR"):
         env["DEQGUARD_DATA_DIR"] = os.environ["DEQGUARD_DATA_DIR"]
@@ -147,7 +146,6 @@ def main() -> int:
     p.add_argument("--preset", default="paper", help="defense preset of the predict requests")
     p.add_argument("--suite", default="quick", help="audit suite")
     p.add_argument("--audit-batch", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=16, help="DEQGUARD_AUDIT_CHUNK_SIZE")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--write-docs", action="store_true")
     args = p.parse_args()
@@ -209,7 +207,6 @@ def main() -> int:
         "preset": args.preset,
         "suite": args.suite,
         "audit_batch": args.audit_batch,
-        "chunk": args.chunk,
         "idle": idle,
         "audit": busy,
         "p99_ratio": busy["p99_ms"] / idle["p99_ms"],
@@ -237,7 +234,7 @@ load average before/after: {result["load_before"]} / {result["load_after"]}.
 Model `{args.model}`{" (untrained micro: latency does not depend on accuracy)" if args.untrained else ""} on
 `{args.device}`; open-loop Poisson arrivals at {args.rate}/s of one-image `POST /v1/predict`
 (preset `{args.preset}`) for {args.duration:.0f} s per phase; audit suite `{args.suite}`, batch
-{args.audit_batch}, chunk {args.chunk}.
+{args.audit_batch}.
 
 | phase | requests | p50 ms | p90 ms | p99 ms | max ms |
 |---|---|---|---|---|---|

@@ -51,7 +51,7 @@ class LiveServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 120.0) -> LiveServer:
+    def start(self, timeout: float = 300.0) -> LiveServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEQGUARD_")}
         env.update(
             DEQGUARD_MODEL_STORE=str(self.store),
@@ -83,6 +83,8 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        self.proc.kill()  # never leave an orphan behind
+        self.proc.wait(timeout=30)
         raise TimeoutError(f"server not ready: {self.log_path.read_text()[-3000:]}")
 
     def kill9(self) -> None:

@@ -29,6 +29,7 @@ from deqguard.store import (
     validate_name,
 )
 from service.admin.auth import require_token
+from service.admin.engine import audit_config
 from service.admin.jobs import Job, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.runner import AuditRunner, progress_of
@@ -159,6 +160,14 @@ def build_admin_router(settings: AdminSettings | None = None) -> APIRouter | Non
             raise InvalidParameter(str(exc), field="model") from None
         spec = body.model_dump()
         spec["model"] = manifest.ref  # pin the version audited
+        steps = admin.ctx.settings.solver_steps or manifest.solver.max_steps or 8
+        try:
+            audit_config(spec, steps)
+        except (ValueError, TypeError) as exc:
+            msg = str(exc)
+            first = msg.split(" ", 1)[0]
+            field = first if first in spec else "options" if spec["options"] else "defense"
+            raise InvalidParameter(msg, field=field) from None
         job, created = admin.store.create(spec, body.n_samples, idempotency_key)
         if created:
             admin.runner.schedule(job.id)

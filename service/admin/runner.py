@@ -5,7 +5,7 @@ Yielding to online traffic: every f-evaluation of an audit's model first passes 
 waits while predict requests are queued or a predict batch is computing (up to
 ``audit_yield_max_s``, so audits still progress under sustained load). The audit thread thus
 computes only in the gaps between predict batches, and a predict request that arrives while
-an audit computes waits for at most one audit f-evaluation of one chunk.
+an audit computes waits for at most one f-evaluation (forward or backward) of one audit batch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from service.admin.engine import AuditStopped, AuditTask, wilson_interval
+from deqguard.audit import wilson_interval
+from service.admin.engine import AuditStopped, AuditTask
 from service.admin.jobs import Job, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.settings import AdminSettings
@@ -150,7 +151,7 @@ class AuditRunner:
                 data_root=self.ctx.settings.data_dir,
                 device=self.ctx.device,
                 gate=gate,
-                chunk=self.settings.audit_chunk_size,
+                steps=self.ctx.settings.solver_steps,
             )
         except AuditStopped:
             self._stopped(job_id)
@@ -197,7 +198,7 @@ class AuditRunner:
                 self.metrics.samples.inc(n)
                 wall = time.monotonic() - session_t0
                 self._live[job_id] = {"samples_per_s": session_samples / wall if wall else None}
-            report = task.finalize(batches, self.plots_dir(job_id))
+            report = task.finalize(batches, self.plots_dir(job_id), elapsed_s=compute_s)
         except AuditStopped:
             self._stopped(job_id)
             return

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.admin.engine import SUITES, resolve_defense
+from service.admin.engine import OPTION_FIELDS, SUITES, resolve_defense
 
 __all__ = ["AuditRequest", "ModelLoadRequest"]
 
@@ -30,6 +30,12 @@ class AuditRequest(BaseModel):
     n_samples: int = Field(default=1000, ge=1, le=10_000, description="First n test images")
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per resumable batch")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the attacks")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Attack budget overrides (deqguard.audit.AuditConfig fields): "
+        + ", ".join(OPTION_FIELDS)
+        + "; non-standard budgets are listed in the report's notes",
+    )
 
     @field_validator("defense")
     @classmethod
@@ -38,6 +44,14 @@ class AuditRequest(BaseModel):
             resolve_defense(v)
         except (ValueError, TypeError) as exc:
             raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(v) - set(OPTION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit option(s) {sorted(unknown)}; known: {OPTION_FIELDS}")
         return v
 
     model_config["json_schema_extra"] = {

@@ -36,10 +36,6 @@ class AdminSettings(BaseSettings):
     """Longest an audit waits for the predict queue to drain before it computes anyway, so
     audits still progress under sustained load."""
 
-    audit_chunk_size: int = Field(default=16, ge=1, le=1024)
-    """Images an audit computes at once inside a batch: smaller chunks give the device back
-    to predict requests sooner, larger ones audit faster."""
-
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
