@@ -13,7 +13,7 @@ help:
 	@echo "make test       set up .venv if needed, run the fast tests"
 	@echo "make test-slow  run only the tests marked slow"
 	@echo "make test-all   run every test"
-	@echo "make serve      set up .venv if needed, start the HTTP service"
+	@echo "make serve      set up .venv if needed, serve the default model (DEQGUARD_* env, SERVE_ARGS=...)"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make format     ruff format + ruff check --fix"
 	@echo "make setup      only create/refresh .venv"
@@ -45,12 +45,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 serve: $(STAMP)
-	@if [ ! -f service/app.py ]; then \
-		echo "Set-up is done, but the service is not built yet (service/app.py is missing)."; \
-		echo "Nothing to serve for now."; \
-		exit 0; \
-	fi; \
-	exec $(BIN)/deqguard serve
+	exec $(BIN)/deqguard serve $(SERVE_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache *.egg-info

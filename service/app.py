@@ -13,10 +13,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +27,7 @@ from service.api import health, v1, v2
 from service.api.common import field_from_loc
 from service.context import ClientGone, ServiceContext
 from service.errors import PayloadTooLarge, ServiceError
+from service.schemas import InferRequest
 from service.settings import ServiceSettings
 
 __all__ = ["create_app"]
@@ -175,4 +179,25 @@ def create_app(
     for router in extra_routers:
         app.include_router(router)
     app.add_middleware(RequestMiddleware, ctx=ctx)
+    _add_schemas(app, [InferRequest])
     return app
+
+
+def _add_schemas(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    """Put request models that routes read by hand (``openapi_extra`` bodies) into
+    ``components.schemas``, so their ``$ref`` resolves for /docs and schemathesis."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, sub in defs.get("$defs", {}).items():
+                comps.setdefault(name, sub)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -95,9 +95,11 @@ class ServiceContext:
         )
 
     def _warm(self, served: ServedModel, x: torch.Tensor) -> None:
-        from deqguard.defense import get_preset
+        """One forward with one input-gradient step: touches every kernel a request can use."""
+        from deqguard.defense import DefenseParams
 
-        run_batch(served, x, [get_preset("paper")] * x.shape[0], chunk=x.shape[0])
+        params = DefenseParams(R=1, Tf=max(1, served.steps // 2))
+        run_batch(served, x, [params] * x.shape[0], chunk=x.shape[0])
 
     async def shutdown(self) -> None:
         self.draining = True

@@ -152,6 +152,15 @@ class ModelPool:
         with self._lock:
             return self._models.get(name)
 
+    def install(self, served: ServedModel) -> ServedModel | None:
+        """Put a loaded model in place of its name's entry in one step (hot reload); batches
+        already running keep the old one. Returns the replaced entry, if any."""
+        with self._lock:
+            old = self._models.get(served.name)
+            self._models[served.name] = served
+            self._models.move_to_end(served.name)
+        return old
+
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served model ``name`` (device thread only: may load weights)."""
         with self._lock:

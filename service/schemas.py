@@ -6,7 +6,7 @@ so that schemathesis can hold the server to it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,8 @@ __all__ = [
     "Timing",
 ]
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
 PRESET_DOC = "Defense preset: off (no input updates), paper (Tf 2, R 10), fast, strong."
 
 
@@ -42,7 +44,9 @@ class DefenseFields(BaseModel):
     eps: float | None = Field(None, ge=0, le=1, description="l_inf radius around the input")
     state: int | None = Field(None, ge=1, description="early state read out, 1..N (default N)")
     model: str | None = Field(
-        None, max_length=200, description="model `name` or `name@version` (default: the server's)"
+        None,
+        pattern=MODEL_REF_PATTERN,
+        description="model `name` or `name@version` (default: the server's)",
     )
     deadline_ms: float | None = Field(
         None, gt=0, le=3_600_000, description="drop the request (504) if not started by then"
@@ -52,7 +56,7 @@ class DefenseFields(BaseModel):
 class PredictJSON(DefenseFields):
     """JSON form of /v1/predict: base64-encoded PNG/JPEG/WebP images plus settings."""
 
-    images: list[str] = Field(
+    images: list[Annotated[str, Field(min_length=1)]] = Field(
         ..., min_length=1, description="base64-encoded images (PNG, JPEG or WebP)"
     )
 

@@ -57,7 +57,7 @@ class LiveServer:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 120.0) -> LiveServer:
+    def start(self, timeout: float = 300.0) -> LiveServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT

@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
@@ -23,6 +23,7 @@ from service.context import ServiceContext, get_ctx
 from service.errors import BadImage, InvalidParameter, UnsupportedMediaType
 from service.imaging import IMAGE_MEDIA_TYPES, encode_png
 from service.schemas import (
+    MODEL_REF_PATTERN,
     DefenseFields,
     ErrorResponse,
     ModelInfo,
@@ -84,7 +85,11 @@ PREDICT_BODY: dict[str, Any] = {
                         "images": {
                             "type": "array",
                             "minItems": 1,
-                            "items": {"type": "string", "contentEncoding": "base64"},
+                            "items": {
+                                "type": "string",
+                                "minLength": 1,
+                                "contentEncoding": "base64",
+                            },
                             "description": "base64-encoded PNG, JPEG or WebP images",
                         },
                         **_FIELD_SCHEMAS,
@@ -122,7 +127,7 @@ def _query_fields(
     Tf: Annotated[int | None, Query(ge=1)] = None,
     eps: Annotated[float | None, Query(ge=0, le=1)] = None,
     state: Annotated[int | None, Query(ge=1)] = None,
-    model: Annotated[str | None, Query(max_length=200)] = None,
+    model: Annotated[str | None, Query(pattern=MODEL_REF_PATTERN)] = None,
     deadline_ms: Annotated[float | None, Query(gt=0, le=3_600_000)] = None,
 ) -> dict[str, Any]:
     """Defense settings from the query string (documented in OpenAPI, validated by FastAPI)."""
@@ -286,6 +291,8 @@ async def list_models(ctx: ServiceContext = Depends(get_ctx)) -> dict[str, Any]:
     responses={404: ERRORS[404], 422: ERRORS[422]},
     summary="One model's manifest (accepts name or name@version)",
 )
-async def get_model(name: str, ctx: ServiceContext = Depends(get_ctx)) -> dict[str, Any]:
+async def get_model(
+    name: Annotated[str, Path(pattern=MODEL_REF_PATTERN)], ctx: ServiceContext = Depends(get_ctx)
+) -> dict[str, Any]:
     manifest = await ctx.offload(ctx.pool.manifest, name)
     return _model_info(ctx, manifest)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from deqguard.data import CLASSES
@@ -30,6 +30,7 @@ from service.api.common import (
 from service.context import ServiceContext, get_ctx
 from service.errors import BadImage, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
 from service.schemas import (
+    NAME_PATTERN,
     DefenseFields,
     ErrorResponse,
     InferRequest,
@@ -39,6 +40,9 @@ from service.schemas import (
 )
 
 __all__ = ["router"]
+
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN)]
+ModelVersion = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 router = APIRouter(tags=["v2 (KServe Open Inference Protocol)"])
 
@@ -160,7 +164,9 @@ def _metadata(ctx: ServiceContext, manifest: Any) -> dict[str, Any]:
     responses={404: ERRORS[404]},
     summary="Model metadata (v2)",
 )
-async def model_metadata(model_name: str, ctx: ServiceContext = Depends(get_ctx)) -> dict[str, Any]:
+async def model_metadata(
+    model_name: ModelName, ctx: ServiceContext = Depends(get_ctx)
+) -> dict[str, Any]:
     return _metadata(ctx, await ctx.offload(_check_model, ctx, model_name))
 
 
@@ -171,7 +177,7 @@ async def model_metadata(model_name: str, ctx: ServiceContext = Depends(get_ctx)
     summary="Model metadata of one version (v2)",
 )
 async def model_version_metadata(
-    model_name: str, model_version: str, ctx: ServiceContext = Depends(get_ctx)
+    model_name: ModelName, model_version: ModelVersion, ctx: ServiceContext = Depends(get_ctx)
 ) -> dict[str, Any]:
     return _metadata(ctx, await ctx.offload(_check_model, ctx, model_name, model_version))
 
@@ -186,7 +192,9 @@ async def _model_ready(ctx: ServiceContext, name: str, version: str | None) -> J
     responses={404: ERRORS[404], 503: {"description": "not ready"}},
     summary="Model readiness (v2); other store models load on first use",
 )
-async def model_ready(model_name: str, ctx: ServiceContext = Depends(get_ctx)) -> JSONResponse:
+async def model_ready(
+    model_name: ModelName, ctx: ServiceContext = Depends(get_ctx)
+) -> JSONResponse:
     return await _model_ready(ctx, model_name, None)
 
 
@@ -196,7 +204,7 @@ async def model_ready(model_name: str, ctx: ServiceContext = Depends(get_ctx)) -
     summary="Model version readiness (v2)",
 )
 async def model_version_ready(
-    model_name: str, model_version: str, ctx: ServiceContext = Depends(get_ctx)
+    model_name: ModelName, model_version: ModelVersion, ctx: ServiceContext = Depends(get_ctx)
 ) -> JSONResponse:
     return await _model_ready(ctx, model_name, model_version)
 
@@ -403,7 +411,7 @@ def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
     summary="Inference (v2); tritonclient.http and plain JSON",
 )
 async def infer(
-    model_name: str, request: Request, ctx: ServiceContext = Depends(get_ctx)
+    model_name: ModelName, request: Request, ctx: ServiceContext = Depends(get_ctx)
 ) -> Response:
     return await _infer(model_name, None, request, ctx)
 
@@ -416,7 +424,10 @@ async def infer(
     summary="Inference on one model version (v2)",
 )
 async def infer_version(
-    model_name: str, model_version: str, request: Request, ctx: ServiceContext = Depends(get_ctx)
+    model_name: ModelName,
+    model_version: ModelVersion,
+    request: Request,
+    ctx: ServiceContext = Depends(get_ctx),
 ) -> Response:
     return await _infer(model_name, model_version, request, ctx)
 
