@@ -307,3 +307,23 @@ def test_shipped_recipes_parse() -> None:
     assert a.random_intermediate == "off" and b.random_intermediate == "batch"
     diff = {k for k, v in a.to_dict().items() if b.to_dict()[k] != v}
     assert diff == {"name", "random_intermediate"}  # same seed, same budget
+
+
+@pytest.mark.slow  # about 75 s on the loaded 2-core machine (micro model, real attacks)
+def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    from deqguard.store import load_entry
+    from training.evaluate import main as eval_main
+
+    cfg = _cfg(tmp_path, name="m", model="micro", total_steps=1, pretrain_steps=1)
+    cfg = replace(cfg, val_samples=4, val_pgd_steps=1)
+    Trainer(cfg, data=cifar_small).fit()
+    store = tmp_path / "store"
+    argv = ["--run", str(tmp_path / "m"), "--store", str(store), "--n-test", "4"]
+    argv += ["--screen", "2", "--grid", "1:1:1,2:1:0.5", "--final-ka", "1", "--steps", "1"]
+    argv += ["--batch-size", "2"]
+    assert eval_main(argv) == 0
+    entry = load_entry(store, "m")
+    m = entry.manifest.metrics
+    assert m["pgd10_final_n_images"] == 4 and 0 <= m["pgd10_final_acc"] <= m["clean_acc"] + 1
+    assert set(m["pgd10_intermediate_screen"]["accuracy"]) == {"i1_ka1_lam1", "i2_ka1_lam0.5"}
+    assert entry.manifest.training_args["steps_done"] == 1
