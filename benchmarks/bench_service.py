@@ -1,0 +1,300 @@
+"""Load generator for the HTTP service: throughput and p50/p99 latency under concurrency.
+
+For each preset and concurrency level, closed-loop clients (asyncio + httpx, one image per
+request, raw PNG bodies of real CIFAR-10 test images) keep exactly ``c`` requests in flight for a
+fixed time. Next to it: the offline batched throughput of the same model (``defended_forward`` on
+full batches in this process, no HTTP) and the same server with batch size 1.
+
+    python benchmarks/bench_service.py --model micro-trades-ri --write
+
+Targets (issue 5): at 32 clients, HTTP throughput >= 0.8x offline batched, and >= 4x the
+batch-size-1 server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import git_commit, load_average, machine, now, write_section  # noqa: E402
+from deqguard.data import load_test  # noqa: E402
+from deqguard.defense import defended_forward, get_preset  # noqa: E402
+from deqguard.store import default_store_root, load_entry  # noqa: E402
+from service.imaging import encode_png  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Level:
+    preset: str
+    concurrency: int
+    batch: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    load: str
+    mean_batch: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m service.cli` on a free port with the given settings."""
+
+    def __init__(self, store: Path, model: str, **settings: object) -> None:
+        self.port = _free_port()
+        env = {**os.environ, "DEQGUARD_MODEL_STORE": str(store), "DEQGUARD_MODEL": model}
+        env.update({f"DEQGUARD_{k.upper()}": str(v) for k, v in settings.items()})
+        env.setdefault("DEQGUARD_LOG_LEVEL", "warning")
+        self.log = open(f"/tmp/bench-service-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _batch_stats(url: str) -> tuple[float, float]:
+    text = httpx.get(url + "/metrics").text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("deqguard_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("deqguard_batch_size_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
+async def _run_level(
+    url: str, pngs: list[bytes], preset: str, concurrency: int, seconds: float, min_requests: int
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        stop_at = time.perf_counter() + seconds
+        counter = 0
+
+        async def worker(k: int) -> None:
+            nonlocal errors, counter
+            while time.perf_counter() < stop_at or counter < min_requests:
+                i = counter
+                counter += 1
+                t0 = time.perf_counter()
+                r = await client.post(
+                    url + "/v1/predict",
+                    content=pngs[i % len(pngs)],
+                    headers={"Content-Type": "image/png"},
+                    params={"preset": preset},
+                )
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return latencies, errors, time.perf_counter() - t0
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000.0
+
+
+def bench_server(
+    server: Server,
+    pngs: list[bytes],
+    presets: list[str],
+    levels: list[int],
+    seconds: float,
+    batch: int,
+) -> list[Level]:
+    out = []
+    for preset in presets:
+        # one short warm-up request per preset
+        asyncio.run(_run_level(server.url, pngs, preset, 1, 0.0, 1))
+        for c in levels:
+            s0, n0 = _batch_stats(server.url)
+            load0 = load_average()
+            lat, errors, elapsed = asyncio.run(
+                _run_level(server.url, pngs, preset, c, seconds, min_requests=2 * c)
+            )
+            s1, n1 = _batch_stats(server.url)
+            level = Level(
+                preset=preset,
+                concurrency=c,
+                batch=batch,
+                requests=len(lat),
+                seconds=elapsed,
+                p50_ms=_pct(lat, 0.5),
+                p99_ms=_pct(lat, 0.99),
+                errors=errors,
+                load=f"{load0} / {load_average()}",
+                mean_batch=(s1 - s0) / max(1.0, n1 - n0),
+            )
+            print(
+                f"server batch {batch:3d} {preset:6s} c={c:4d}: {level.throughput:7.2f} img/s  "
+                f"p50 {level.p50_ms:8.1f} ms  p99 {level.p99_ms:8.1f} ms  mean batch "
+                f"{level.mean_batch:5.1f}  errors {errors}  load {level.load}",
+                flush=True,
+            )
+            out.append(level)
+    return out
+
+
+def bench_offline(
+    store: Path, model: str, x: torch.Tensor, presets: list[str], batch: int, seconds: float
+) -> dict[str, float]:
+    entry = load_entry(store, model)
+    steps = entry.manifest.solver.max_steps or 8
+    out = {}
+    for preset in presets:
+        params = get_preset(preset)
+        defended_forward(entry.model, x[:batch], params, entry.manifest.solver, steps=steps)
+        n, t0 = 0, time.perf_counter()
+        i = 0
+        while time.perf_counter() - t0 < seconds or n < 2 * batch:
+            xb = x[(i * batch) % len(x) :][:batch]
+            if len(xb) < batch:
+                xb = x[:batch]
+            defended_forward(entry.model, xb, params, entry.manifest.solver, steps=steps)
+            n += len(xb)
+            i += 1
+        out[preset] = n / (time.perf_counter() - t0)
+        print(f"offline batch {batch} {preset}: {out[preset]:.2f} img/s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="micro-trades-ri")
+    p.add_argument("--model-store", type=Path, default=default_store_root())
+    p.add_argument("--presets", default="off,paper")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--batch", type=int, default=32, help="server max batch size")
+    p.add_argument("--delay-ms", type=float, default=5.0, help="server max batching delay")
+    p.add_argument("--seconds", type=float, default=20.0, help="time per level")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--skip-bs1", action="store_true", help="skip the batch-size-1 server")
+    p.add_argument("--write", action="store_true", help="write docs/BENCHMARKS.md's section")
+    args = p.parse_args(argv)
+    presets = args.presets.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    split = load_test(n=256)
+    pngs = [encode_png(img.numpy()) for img in split.images]
+    x = split.float_images()
+    started = now()
+    load_before = load_average()
+    common = {"max_batch_delay_ms": args.delay_ms, "default_preset": "off", "queue_size": 4096}
+    if args.threads:
+        common["torch_threads"] = args.threads
+
+    offline = bench_offline(args.model_store, args.model, x, presets, args.batch, args.seconds)
+    server = Server(args.model_store, args.model, max_batch_size=args.batch, **common)
+    try:
+        batched = bench_server(server, pngs, presets, levels, args.seconds, args.batch)
+    finally:
+        server.stop()
+    single: list[Level] = []
+    if not args.skip_bs1:
+        server1 = Server(args.model_store, args.model, max_batch_size=1, **common)
+        try:
+            single = bench_server(server1, pngs, presets, [32], args.seconds, 1)
+        finally:
+            server1.stop()
+
+    cmd = "python benchmarks/bench_service.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    lines = [
+        f"## HTTP service: throughput and latency ({args.model})",
+        "",
+        f"`{cmd.strip()}` - {started}, commit {git_commit()}.",
+        f"Machine: {machine()}. Load average before/after: {load_before} / {load_average()} "
+        "(shared machine: the load generator, the server and other jobs share the cores).",
+        "",
+        f"Server: max batch {args.batch}, max delay {args.delay_ms} ms; one image per request "
+        "(raw PNG of a CIFAR-10 test image), closed-loop clients for "
+        f"{args.seconds:.0f} s per level (at least 2 requests per client).",
+        "",
+        "| preset | clients | server batch | img/s | p50 ms | p99 ms | mean batch | errors | vs offline | vs batch-1 server |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    bs1 = {lv.preset: lv.throughput for lv in single}
+    for lv in batched + single:
+        vs_off = lv.throughput / offline[lv.preset]
+        vs_one = (
+            f"{lv.throughput / bs1[lv.preset]:.2f}x" if lv.batch > 1 and lv.preset in bs1 else "-"
+        )
+        lines.append(
+            f"| {lv.preset} | {lv.concurrency} | {lv.batch} | {lv.throughput:.2f} | "
+            f"{lv.p50_ms:.0f} | {lv.p99_ms:.0f} | {lv.mean_batch:.1f} | {lv.errors} | "
+            f"{vs_off:.2f}x | {vs_one} |"
+        )
+    lines += [
+        "",
+        "Offline batched (same model, `defended_forward` on batches of "
+        f"{args.batch}, no HTTP): "
+        + ", ".join(f"{k} {v:.2f} img/s" for k, v in offline.items())
+        + ".",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section("bench-service", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
