@@ -146,11 +146,9 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code != 500:
-            ctx.reject(exc.reason)
-        else:
-            ctx.reject(exc.reason)
-            log.warning("500 on %s: %s", request.url.path, exc.message)
+        ctx.reject(exc.reason)
+        if exc.status_code >= 500 and exc.status_code not in (503, 504):
+            log.warning("%d on %s: %s", exc.status_code, request.url.path, exc.message)
         return _error_json(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -75,7 +75,6 @@ class Batcher:
         max_delay_s: how long the oldest job waits for company.
         queue_size: most images queued (not yet computing); beyond it, :class:`QueueFull`.
         on_batch: called on the event loop after every computed batch (metrics).
-        on_reject: called with a reason when a queued job is dropped (metrics).
     """
 
     def __init__(
@@ -86,7 +85,6 @@ class Batcher:
         max_delay_s: float,
         queue_size: int,
         on_batch: Callable[[str, list[Job], float, list[Any]], None] | None = None,
-        on_reject: Callable[[str], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
@@ -100,7 +98,6 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_batch = on_batch
-        self._on_reject = on_reject or (lambda reason: None)
         self._on_depth = on_depth or (lambda depth: None)
         self._on_failure = on_failure or (lambda: None)
         self._per_image_s = 0.05  # running estimate of device seconds per image (Retry-After)
@@ -189,8 +186,7 @@ class Batcher:
             self._queued_images -= job.n
             if job.future.done():  # cancelled by its handler
                 continue
-            if now > job.deadline:
-                self._on_reject("deadline_exceeded")
+            if now > job.deadline:  # counted by the handler that receives the 504
                 job.future.set_exception(
                     DeadlineExceeded("deadline passed while queued; dropped before compute")
                 )

@@ -52,7 +52,6 @@ class ServiceContext:
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             queue_size=settings.queue_size,
             on_batch=self._on_batch,
-            on_reject=self.reject,
             on_depth=self.metrics.queue_depth.set,
             on_failure=self.metrics.batch_failures.inc,
         )
@@ -217,8 +216,7 @@ class ServiceContext:
                     self.reject("client_disconnected")
                     raise ClientGone()
                 return await job.future  # already computing: finish, the answer is dropped
-            if self.batcher.cancel(job):
-                self.reject("deadline_exceeded")
+            if self.batcher.cancel(job):  # counted by the error handler
                 raise DeadlineExceeded(
                     f"deadline of {budget * 1000:.0f} ms passed while queued; dropped before compute",
                     field="deadline_ms",

@@ -92,6 +92,7 @@ def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list
 def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: list[bytes]) -> None:
     url = tight_server.url
     before = _counter(url, "deqguard_images_total")
+    late_before = _counter(url, "deqguard_rejections_total", reason="deadline_exceeded")
 
     async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -112,6 +113,7 @@ def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: lis
         assert r.json()["error"]["reason"] == "deadline_exceeded"
     _wait_idle(url)
     assert _counter(url, "deqguard_images_total") - before == 1  # dropped before compute
+    assert _counter(url, "deqguard_rejections_total", reason="deadline_exceeded") - late_before == 2
 
 
 def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: list[bytes]) -> None:

@@ -42,7 +42,7 @@ expected-statuses = ["1xx", "2xx", "3xx", "4xx", "504"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)
 def test_schemathesis_finds_no_server_errors_or_schema_violations(
     service_store: Path, tmp_path: Path
 ) -> None:
@@ -72,7 +72,7 @@ def _run_schemathesis(server: LiveServer, tmp_path: Path) -> None:
         "--checks",
         ",".join(CHECKS),
         "--max-examples",
-        "30",
+        "20",
         "--phases",
         "examples,coverage,fuzzing",
         "--generation-database",
@@ -80,11 +80,11 @@ def _run_schemathesis(server: LiveServer, tmp_path: Path) -> None:
         "--seed",
         "1",
         "--workers",
-        "1",
+        "1",  # with 2, hypothesis' lambda-source cache raced in the coverage phase (a tool error)
         "--request-timeout",
         "120",
         "--no-color",
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1100)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=2700)
     (tmp_path / "schemathesis.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -97,13 +97,11 @@ def test_queue_bound_deadline_and_cancel() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         calls: list[int] = []
-        rejected: list[str] = []
         b = Batcher(
             _tag_runner(calls, delay=0.3),
             max_batch=1,
             max_delay_s=0.0,
             queue_size=2,
-            on_reject=rejected.append,
         )
         b.start()
         first = _job(loop, 0.0)
@@ -120,7 +118,7 @@ def test_queue_bound_deadline_and_cancel() -> None:
         assert (await first.future).outputs == [0.0]
         with pytest.raises(DeadlineExceeded):
             await late.future
-        assert rejected == ["deadline_exceeded"] and calls == [1]
+        assert calls == [1]  # the late and the cancelled job never reached the device
         await b.stop()
 
     asyncio.run(main())

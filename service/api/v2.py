@@ -28,7 +28,7 @@ from service.api.common import (
     validate_model,
 )
 from service.context import ServiceContext, get_ctx
-from service.errors import BadImage, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.errors import BadImage, InvalidParameter, ModelNotFound, PayloadTooLarge
 from service.schemas import (
     NAME_PATTERN,
     DefenseFields,
@@ -433,9 +433,7 @@ async def infer_version(
 
 
 async def _infer(name: str, version: str | None, request: Request, ctx: ServiceContext) -> Response:
-    if not ctx.ready:
-        ctx.check_admission()
-        raise NotReady("not ready")
+    ctx.check_admission()
     raw = await request.body()
     data, binary = _split_body(raw, request.headers.get(HEADER_LEN))
     req = validate_model(InferRequest, data)
