@@ -105,17 +105,21 @@ def audit_config(spec: dict[str, Any], steps: int, device: str = "cpu") -> Audit
 
 
 def _gated(model: torch.nn.Module, gate: Gate) -> None:
-    """Route this model copy's f-evaluations (and their backward) through ``gate``."""
-    cell = model.cell
+    """Route this model copy's f-evaluations (and their backward) through ``gate``: the parts
+    of f that callers use directly (``cell_inner``/``cell_outer``, which ``cell`` composes),
+    or ``cell`` itself on models without them."""
+    parts = [n for n in ("cell_inner", "cell_outer") if hasattr(model, n)] or ["cell"]
+    for name in parts:
+        fn = getattr(model, name)
 
-    def gated_cell(z: torch.Tensor, injection: Any) -> torch.Tensor:
-        gate()
-        out = cell(z, injection)
-        if torch.is_grad_enabled() and out.requires_grad:
-            out = _GateInBackward.apply(out, gate)
-        return out
+        def gated(*args: Any, _fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
+            gate()
+            out = _fn(*args)
+            if torch.is_grad_enabled() and out.requires_grad:
+                out = _GateInBackward.apply(out, gate)
+            return out
 
-    model.cell = gated_cell  # type: ignore[method-assign]  # this copy only
+        setattr(model, name, gated)  # this copy only
 
 
 class AuditTask:
