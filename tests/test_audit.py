@@ -178,6 +178,9 @@ def test_cli_writes_report_plots_and_summary(model, tmp_path) -> None:
     validate_report(report)
     assert report["model"]["ref"] == "m@1" and report["config"]["defense"] == "custom"
     assert (out / "summary.md").exists() and (out / "entropy.png").exists()
+    (out / "report.json").unlink()
+    assert main(argv + ["--partial"]) == 0  # report from the saved batches, no recomputation
+    assert _strip(json.loads((out / "report.json").read_text())) == _strip(report)
     assert (
         main(["m", "--store", str(tmp_path / "store"), "--suite", "nope", "--out", str(out)]) != 0
     )

@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-from", default=None, help="store entry to craft transfer attacks on")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="do not run: write the report of the batches already saved in OUT/state.json",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -107,7 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     try:
-        report = runner.run(progress=progress, state_path=out / "state.json")
+        if args.partial:
+            done = runner.load_state(out / "state.json")
+            if not done:
+                print(f"deqguard audit: no saved batches in {out / 'state.json'}", file=sys.stderr)
+                return 2
+            report = runner.report(list(done.values()))
+        else:
+            report = runner.run(progress=progress, state_path=out / "state.json")
     except AuditCancelled as exc:
         print(f"deqguard audit: {exc}", file=sys.stderr)
         return 3

@@ -250,7 +250,12 @@ class AuditRunner:
             "plans": [p.to_dict() for p in self.plans],
         }
 
-    def _load_state(self, path: Path) -> dict[int, dict[str, Any]]:
+    def load_state(self, path: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+        """The batch records saved at ``path`` (empty when absent); refuses another audit's."""
+        path = Path(path)
+        return self._load_state_impl(path)
+
+    def _load_state_impl(self, path: Path) -> dict[int, dict[str, Any]]:
         if not path.exists():
             return {}
         state = json.loads(path.read_text())
@@ -286,7 +291,7 @@ class AuditRunner:
         path = None if state_path is None else Path(state_path)
         if path is not None and world > 1:
             path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-        done = self._load_state(path) if path is not None else {}
+        done = self.load_state(path) if path is not None else {}
         mine = [b for b in range(self.total_batches) if b % world == rank]
         start = time.perf_counter()
         for b in mine:

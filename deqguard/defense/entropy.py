@@ -156,6 +156,7 @@ def entropy_descent(
     R: Tensor,
     masks: list[Tensor] | None = None,
     jac: Tensor | None = None,
+    inner: list[Tensor] | None = None,
 ) -> Tensor:
     """R[b] steps of Eq. 8 for each sample b with z held; returns the new x [b, 3, H, W].
 
@@ -167,6 +168,10 @@ def entropy_descent(
     ``jac`` (same shape as x, updated in place) tracks d x / d x0 elementwise: the sign of a
     gradient has derivative 0, so the exact derivative of the updates is 1 or 0 per pixel (0 where
     the [0, 1] clip, not the eps-ball, bound it last). Adaptive attacks use it (``exact`` mode).
+
+    z is held, so the z-only part of f (``model.cell_inner(z)``, the branch blocks' convs: most
+    of f's MACs) is computed once here (or passed as ``inner``) and reused by all R steps; each
+    step pays only the stem, the injection/fusion part of f and the head, forward and backward.
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
     lo = (x0 - eps.view(shape)).clamp(min=0.0)
@@ -174,6 +179,9 @@ def entropy_descent(
     step = beta.view(shape)
     x = x.detach().clone()
     rows = torch.arange(x.shape[0], device=x.device)
+    if inner is None:
+        with torch.no_grad():
+            inner = model.cell_inner(z)
     for r in range(1, int(R.max()) + 1):
         live = R >= r
         idx = rows if bool(live.all()) else rows[live]
@@ -181,9 +189,10 @@ def entropy_descent(
         xi = (x if full else x[idx]).detach().requires_grad_(True)
         zi = z if full else z[idx]
         m = None if masks is None else [mk if full else mk[idx] for mk in masks]
+        hi_ = inner if full else [h[idx] for h in inner]
         with torch.enable_grad():
             inj = Injection(_features(model, xi), m)
-            ent = prediction_entropy(model.head(model.cell(zi, inj))).sum()
+            ent = prediction_entropy(model.head(model.cell_outer(zi, hi_, inj))).sum()
             (g,) = torch.autograd.grad(ent, xi)
         with torch.no_grad():
             if full:
