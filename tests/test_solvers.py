@@ -166,3 +166,23 @@ def test_retarget_continues_towards_the_new_fixed_point():
 def test_flat_state_is_required():
     with pytest.raises(ValueError, match="flat"):
         make_solver().init(lambda z, i: z, torch.zeros(2, 3, 4))
+
+
+def test_solvers_converge_on_the_shipped_micro_model():
+    """A trained micro model (the shipped default) contracts: residuals fall along the solve."""
+    from deqguard.data import load_test
+    from deqguard.store import default_store_root, list_entries, load_entry
+
+    names = [m.name for m in list_entries(default_store_root()) if m.config.name == "micro"]
+    if not names:
+        pytest.skip("no shipped micro model in model_store/")
+    model = load_entry(default_store_root(), names[0]).model
+    x = load_test(n=16).float_images()
+    with torch.no_grad():
+        fn = cell_fn(model, model.inject(x))
+        z0 = model.zero_state(16, x.device, x.dtype)
+        for name in SOLVERS:
+            solver = make_solver(SolverConfig(name=name, max_steps=30, tol=0, memory=30))
+            state, traj = solver.solve(fn, z0)
+            first = traj.residuals[0].median().item()
+            assert state.best_residual.median().item() < 0.5 * first, name
