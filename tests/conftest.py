@@ -22,6 +22,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if the test process dies, so no server outlives a killed run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Http:
+    """httpx.get/post with a long default timeout: the suite runs on shared, busy CPUs, and the
+    tests check behaviour, never speed."""
+
+    timeout = 600.0
+
+    def get(self, url: str, **kwargs: object) -> httpx.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        return httpx.get(url, **kwargs)  # type: ignore[arg-type]
+
+    def post(self, url: str, **kwargs: object) -> httpx.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        return httpx.post(url, **kwargs)  # type: ignore[arg-type]
+
+
+http = _Http()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -60,14 +88,19 @@ class LiveServer:
     def start(self, timeout: float = 300.0) -> LiveServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                self.argv,
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=10.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

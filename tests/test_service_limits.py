@@ -13,7 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deqguard.data import load_test
 from service.imaging import encode_png
-from tests.conftest import LiveServer, service_command, service_env
+from tests.conftest import LiveServer, http, service_command, service_env
+
+# live servers on shared, busy CPUs: generous per-test limit (behaviour, not speed, is tested)
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def pngs() -> list[bytes]:
 
 
 def _counter(url: str, name: str, **labels: str) -> float:
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    for fam in text_string_to_metric_families(http.get(url + "/metrics").text):
         for s in fam.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
@@ -56,7 +59,7 @@ def _post(client: httpx.AsyncClient, url: str, png: bytes, **params: object):
 def _wait_idle(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = httpx.get(url + "/readyz").json()
+        r = http.get(url + "/readyz").json()
         if r["in_flight"] == 0 and r["queue_depth"] == 0:
             return
         time.sleep(0.1)
@@ -68,7 +71,7 @@ def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list
     before = _counter(url, "deqguard_rejections_total", reason="queue_full")
 
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(timeout=600) as client:
             return await asyncio.gather(*(_post(client, url, p, preset="paper") for p in pngs))
 
     responses = asyncio.run(burst())
@@ -82,7 +85,7 @@ def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list
     assert after - before == len(rejected)
     _wait_idle(url)
     assert (
-        httpx.post(
+        http.post(
             url + "/v1/predict", content=pngs[0], headers={"Content-Type": "image/png"}
         ).status_code
         == 200
@@ -95,7 +98,7 @@ def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: lis
     late_before = _counter(url, "deqguard_rejections_total", reason="deadline_exceeded")
 
     async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(timeout=600) as client:
             blocker = asyncio.create_task(_post(client, url, pngs[0], preset="paper"))
             await asyncio.sleep(0.2)
             by_field = await _post(client, url, pngs[1], deadline_ms=100)
@@ -122,7 +125,7 @@ def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: l
     gone_before = _counter(url, "deqguard_rejections_total", reason="client_disconnected")
 
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(timeout=600) as client:
             blocker = asyncio.create_task(_post(client, url, pngs[0], preset="paper"))
             await asyncio.sleep(0.2)
             async with httpx.AsyncClient(timeout=0.3) as impatient:
@@ -139,7 +142,7 @@ def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: l
 
 
 def test_too_many_images_is_413(tight_server: LiveServer, pngs: list[bytes]) -> None:
-    r = httpx.post(
+    r = http.post(
         tight_server.url + "/v1/predict",
         files=[("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs[:5])],
     )
