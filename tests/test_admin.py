@@ -30,6 +30,10 @@ try:
 except Exception:  # the dataset lives outside the repo
     HAVE_DATA = False
 
+# Server start-ups dominate here (~10-30 s each on an idle 2-core machine); the generous limit
+# only matters on a machine that other jobs saturate.
+pytestmark = pytest.mark.timeout(900)
+
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="CIFAR-10 not found (DEQGUARD_DATA_DIR)")
 
 # A tiny audit: 64 images, one PGD-2 attack, a 2-step defense; ~30 s on 2 busy CPU cores.
@@ -132,7 +136,6 @@ def test_audit_request_validation(server: LiveServer) -> None:
 
 
 @needs_data
-@pytest.mark.timeout(900)  # audits: slow only on an overloaded machine
 def test_audit_runs_to_completion(server: LiveServer, reference_report: dict[str, Any]) -> None:
     rep = reference_report
     validate_report(rep)
@@ -168,7 +171,6 @@ def test_audit_runs_to_completion(server: LiveServer, reference_report: dict[str
 
 
 @needs_data
-@pytest.mark.timeout(900)  # audits: slow only on an overloaded machine
 def test_cancel(server: LiveServer, reference_report: dict[str, Any]) -> None:
     with server.client() as c:
         r = c.post("/admin/audits", json={**AUDIT, "n_samples": 2000, "seed": 7})
@@ -198,7 +200,6 @@ def _strip(report: dict[str, Any]) -> dict[str, Any]:
 
 
 @needs_data
-@pytest.mark.timeout(900)  # audits: slow only on an overloaded machine
 def test_kill9_then_restart_resumes_with_same_result(
     store: Path, tmp_path: Path, reference_report: dict[str, Any]
 ) -> None:
