@@ -104,6 +104,12 @@ def audit_config(spec: dict[str, Any], steps: int, device: str = "cpu") -> Audit
     )
 
 
+def _gate_backward(t: Any, gate: Gate) -> Any:
+    if isinstance(t, torch.Tensor) and t.requires_grad:
+        return _GateInBackward.apply(t, gate)
+    return t
+
+
 def _gated(model: torch.nn.Module, gate: Gate) -> None:
     """Route this model copy's f-evaluations (and their backward) through ``gate``: the parts
     of f that callers use directly (``cell_inner``/``cell_outer``, which ``cell`` composes),
@@ -112,11 +118,15 @@ def _gated(model: torch.nn.Module, gate: Gate) -> None:
     for name in parts:
         fn = getattr(model, name)
 
-        def gated(*args: Any, _fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
+        def gated(*args: Any, _fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
             gate()
-            out = _fn(*args)
-            if torch.is_grad_enabled() and out.requires_grad:
-                out = _GateInBackward.apply(out, gate)
+            out = _fn(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return out
+            if isinstance(out, torch.Tensor):
+                return _gate_backward(out, gate)
+            if isinstance(out, list | tuple):  # cell_inner: one tensor per branch
+                return type(out)(_gate_backward(t, gate) for t in out)
             return out
 
         setattr(model, name, gated)  # this copy only
