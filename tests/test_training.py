@@ -309,7 +309,6 @@ def test_shipped_recipes_parse() -> None:
     assert diff == {"name", "random_intermediate"}  # same seed, same budget
 
 
-@pytest.mark.slow  # about 75 s on the loaded 2-core machine (micro model, real attacks)
 def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSplit) -> None:
     from deqguard.store import load_entry
     from training.evaluate import main as eval_main
