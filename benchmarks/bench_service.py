@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--skip-bs1", action="store_true", help="skip the batch-size-1 server")
     p.add_argument("--write", action="store_true", help="write docs/BENCHMARKS.md's section")
+    p.add_argument("--section", default="bench-service", help="section key in BENCHMARKS.md")
     args = p.parse_args(argv)
     presets = args.presets.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     lines = [
-        f"## HTTP service: throughput and latency ({args.model})",
+        f"## HTTP service: throughput and latency ({args.model}, presets {args.presets})",
         "",
         f"`{cmd.strip()}` - {started}, commit {git_commit()}.",
         f"Machine: {machine()}. Load average before/after: {load_before} / {load_average()} "
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        write_section("bench-service", body)
+        write_section(args.section, body)
     return 0
 
 

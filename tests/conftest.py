@@ -158,6 +158,9 @@ def service_env(store: Path, **extra: object) -> dict[str, str]:
         "DEQGUARD_HOST": "127.0.0.1",
         "DEQGUARD_LOG_LEVEL": "warning",
         "DEQGUARD_TORCH_THREADS": "2",
+        # no request of ours should hit the default deadline on a busy CPU; tests that check
+        # deadlines set their own
+        "DEQGUARD_DEFAULT_DEADLINE_MS": "3600000",
     }
     env.update({f"DEQGUARD_{k.upper()}": str(v) for k, v in extra.items()})
     return env

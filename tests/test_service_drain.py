@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(900)
 def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
     server = LiveServer(
         service_command(),
-        env=service_env(service_store, max_batch_size=1, drain_delay_s=1.5, drain_grace_s=120),
+        env=service_env(service_store, max_batch_size=1, drain_delay_s=1.5, drain_grace_s=1800),
     ).start()
     try:
         url = server.url
@@ -29,7 +29,7 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
 
         def call(png: bytes) -> None:
             r = http.post(
-                url + "/v1/predict?preset=paper",
+                url + "/v1/predict?preset=fast",
                 content=png,
                 headers={"Content-Type": "image/png"},
             )
@@ -38,7 +38,7 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
         threads = [threading.Thread(target=call, args=(p,)) for p in pngs]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300
         while http.get(url + "/readyz").json()["in_flight"] < 3:
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -52,8 +52,8 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
         assert new.status_code == 503 and new.json()["error"]["reason"] == "draining"
 
         for t in threads:
-            t.join(timeout=300)
+            t.join(timeout=1800)
         assert results == [200, 200, 200]
-        assert server.wait(timeout=60) == 0
+        assert server.wait(timeout=600) == 0
     finally:
         server.stop()

@@ -72,7 +72,7 @@ def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=600) as client:
-            return await asyncio.gather(*(_post(client, url, p, preset="paper") for p in pngs))
+            return await asyncio.gather(*(_post(client, url, p, preset="fast") for p in pngs))
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
