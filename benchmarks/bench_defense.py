@@ -143,7 +143,9 @@ def run(models: list[str], grid: str, repeats: int) -> dict:
         rate = conv_rate(parts.pop("_convs"))
         if grid == "full" and name != "large":
             points = [(1, 0)] + [(tf, r) for tf in TFS for r in RS if r > 0]
-        else:
+        elif grid == "reduced" and name != "large":
+            points = [(1, 0), (2, 10), (2, 5), (4, 10), (1, 20)]
+        else:  # large, or --grid minimal: the undefended and the paper's setting
             points = [(1, 0), (2, 10)]
         rows = []
         for tf, r in points:
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--models", nargs="+", default=["tiny", "micro", "large"], choices=sorted(BATCH)
     )
-    ap.add_argument("--grid", choices=["full", "reduced"], default="full")
+    ap.add_argument("--grid", choices=["full", "reduced", "minimal"], default="full")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")

@@ -33,7 +33,7 @@ from deqguard.dynamics import (
     resolve_solver,
 )
 from deqguard.models.mdeq import Injection, MDEQClassifier
-from deqguard.solvers import FixedPointSolver, Trajectory
+from deqguard.solvers import CellFn, FixedPointSolver, Trajectory
 
 __all__ = ["BatchParams", "DefenseResult", "DefenseTrace", "defended_forward", "entropy_descent"]
 
@@ -220,6 +220,23 @@ def _track_jacobian(
     jac.copy_(torch.where(below, ball_lo, torch.where(above, ball_hi, jac)))
 
 
+def _restart_fn(
+    model: MDEQClassifier, injection: Injection, idx: Tensor, inner: list[Tensor]
+) -> CellFn:
+    """f for the restart after an update: the iterate of rows ``idx`` is unchanged, so their
+    z-only part ``inner`` is reused; any other call falls back to the plain f."""
+    full = cell_fn(model, injection)
+
+    def fn(z: Tensor, index: Tensor | None) -> Tensor:
+        rows = torch.arange(z.shape[0], device=z.device) if index is None else index
+        if rows.shape == idx.shape and bool((rows == idx).all()):
+            inj = injection if index is None else injection.select(index)
+            return model.cell_outer(z, inner, inj)
+        return full(z, index)
+
+    return fn
+
+
 @torch.no_grad()
 def defended_forward(
     model: MDEQClassifier,
@@ -275,16 +292,19 @@ def defended_forward(
             idx = who.nonzero().squeeze(1)
             sub_masks = None if injection.masks is None else [m[idx] for m in injection.masks]
             jac_rows = None if jac is None else jac[idx]
+            z_rows = state.z[idx]
+            inner = model.cell_inner(z_rows)  # reused by the R updates and the restart below
             x_new = entropy_descent(
                 model,
-                state.z[idx],
+                z_rows,
                 x_cur[idx],
                 x0[idx],
                 p.beta[idx],
                 p.eps[idx],
                 p.R[idx],
                 sub_masks,
-                None if jac is None else jac_rows,
+                jac_rows,
+                inner,
             )
             grad_steps[idx] += p.R[idx]
             x_cur = x_cur.clone()
@@ -297,7 +317,7 @@ def defended_forward(
             feats[idx] = _features(model, x_new)
             injection = Injection(feats, injection.masks)
             fn = cell_fn(model, injection)
-            state = slv.retarget(fn, state, which=who)
+            state = slv.retarget(_restart_fn(model, injection, idx, inner), state, which=who)
             post[t - 1, idx] = prediction_entropy(model.head(state.fz[idx]))
         state = slv.advance(fn, state, steps - done, trajectory)
         inputs += [x_cur] * (steps - done)
