@@ -84,8 +84,16 @@ def part_macs(model, batch: int) -> dict[str, float]:
     z = torch.rand(batch, model.state_size)
     stem, c1 = _count_macs(model, lambda: model.inject(x))
     f, c2 = _count_macs(model, lambda: model.cell(z, inj))
+    inner = model.cell_inner(z)
+    f_outer, _ = _count_macs(model, lambda: model.cell_outer(z, inner, inj))
     head, c3 = _count_macs(model, lambda: model.head(z))
-    return {"stem": stem / batch, "f": f / batch, "head": head / batch, "_convs": c1 + c2 + c3}
+    return {
+        "stem": stem / batch,
+        "f": f / batch,
+        "f_outer": f_outer / batch,
+        "head": head / batch,
+        "_convs": c1 + c2 + c3,
+    }
 
 
 def conv_rate(convs: list, repeats: int = 5) -> float:
@@ -107,9 +115,20 @@ def setting_macs(p: dict[str, float], tf: int, r: int) -> float:
     """Per-sample MACs of one defended forward at (Tf, R), N = 8 (as deqguard does it)."""
     n_int = sum(1 for t in range(1, N) if t % tf == 0) if r > 0 else 0
     fwd = p["stem"] + (1 + N) * p["f"] + N * p["head"]
-    fwd += n_int * (p["stem"] + p["f"] + p["head"])  # new stem, restart f-eval, post entropy
-    grad = n_int * r * 2 * (p["stem"] + p["f"] + p["head"])
+    # per intervention: the z-only part of f once, the new stem, the restart's input-dependent
+    # part of f, the post-update entropy's head
+    fwd += n_int * (p["f"] - p["f_outer"] + p["stem"] + p["f_outer"] + p["head"])
+    grad = n_int * r * 2 * (p["stem"] + p["f_outer"] + p["head"])
     return fwd + grad
+
+
+def authors_macs(p: dict[str, float], tf: int, r: int) -> float | None:
+    """Per-sample MACs of the authors' loop from their counts in the notes (Tf = 2, R = 10:
+    66 f-evaluations, 40 input-gradient passes through stem, f and head, 45 stem and 81 head
+    calls); None for other settings (not counted there)."""
+    if (tf, r) != (2, 10):
+        return None
+    return 66 * p["f"] + 45 * p["stem"] + 81 * p["head"] + 40 * (p["stem"] + p["f"] + p["head"])
 
 
 def measure(model, x: torch.Tensor, params: DefenseParams, repeats: int) -> tuple[float, float]:
@@ -190,7 +209,8 @@ def markdown(res: dict, argv: list[str]) -> str:
         lines += [
             f"### {name}, batch {r['batch']}",
             "",
-            f"MACs per sample: stem {p['stem'] / 1e6:.1f}M, f {p['f'] / 1e6:.1f}M, head {p['head'] / 1e6:.1f}M;"
+            f"MACs per sample: stem {p['stem'] / 1e6:.1f}M, f {p['f'] / 1e6:.1f}M (of which"
+            f" {p['f_outer'] / 1e6:.1f}M depend on the input), head {p['head'] / 1e6:.1f}M;"
             f" measured conv rate {r['conv_mac_rate'] / 1e9:.1f} GMAC/s.",
             "",
             "| Tf | R | samples/s (wall) | speedup (wall) | samples/s (CPU time) | speedup (CPU time)"
