@@ -64,13 +64,18 @@ async def open_loop(url: str, rate: float, duration: float, preset: str, seed: i
     rng = random.Random(seed)
     images = [_png_b64(i) for i in range(16)]
     lat: list[float] = []
-    codes: dict[int, int] = {}
+    codes: dict[int | str, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
 
         async def one(i: int) -> None:
             body = {"images": [images[i % len(images)]], "preset": preset}
             t0 = time.perf_counter()
-            r = await client.post("/v1/predict", json=body)
+            try:
+                r = await client.post("/v1/predict", json=body)
+            except httpx.HTTPError as exc:  # counted, never fatal: the table shows it
+                key = type(exc).__name__
+                codes[key] = codes.get(key, 0) + 1
+                return
             dt = (time.perf_counter() - t0) * 1000.0
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
             if r.status_code == 200:
@@ -141,7 +146,7 @@ def main() -> int:
     p.add_argument("--untrained", action="store_true",
                    help="serve an untrained micro model from a temporary store")  # fmt: skip
     p.add_argument("--device", default="auto")
-    p.add_argument("--rate", type=float, default=4.0, help="predict arrivals per second")
+    p.add_argument("--rate", type=float, default=2.0, help="predict arrivals per second")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--preset", default="paper", help="defense preset of the predict requests")
     p.add_argument("--suite", default="quick", help="audit suite")
@@ -173,7 +178,7 @@ def main() -> int:
     proc, url = start_server(args, store, state, args.port)
     try:
         # warm-up traffic, then the idle phase
-        asyncio.run(open_loop(url, args.rate, 5.0, args.preset, seed=99))
+        asyncio.run(open_loop(url, args.rate, 10.0, args.preset, seed=99))
         idle = asyncio.run(open_loop(url, args.rate, args.duration, args.preset, seed=1))
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
             body = {"model": args.model, "defense": "paper", "suite": args.suite,
