@@ -237,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     x = split.float_images()
     started = now()
     load_before = load_average()
-    common = {"max_batch_delay_ms": args.delay_ms, "default_preset": "off", "queue_size": 4096}
+    # no deadline or queue limit: this measures throughput, not the overload policy
+    common = {
+        "max_batch_delay_ms": args.delay_ms,
+        "default_preset": "off",
+        "queue_size": 100_000,
+        "default_deadline_ms": 3_600_000,
+    }
     if args.threads:
         common["torch_threads"] = args.threads
 
