@@ -56,6 +56,13 @@ def _post(client: httpx.AsyncClient, url: str, png: bytes, **params: object):
     )
 
 
+def _blocker(client: httpx.AsyncClient, url: str, pngs: list[bytes]):
+    """A request that keeps the device busy for a while: two images, preset strong (140 input
+    gradient steps each), run one after the other (batch size 1)."""
+    files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs[:2])]
+    return client.post(url + "/v1/predict", files=files, params={"preset": "strong"})
+
+
 def _wait_idle(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,12 +106,12 @@ def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: lis
 
     async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=600) as client:
-            blocker = asyncio.create_task(_post(client, url, pngs[0], preset="paper"))
+            blocker = asyncio.create_task(_blocker(client, url, pngs))
             await asyncio.sleep(0.2)
-            by_field = await _post(client, url, pngs[1], deadline_ms=100)
+            by_field = await _post(client, url, pngs[2], deadline_ms=100)
             by_header = await client.post(
                 url + "/v1/predict",
-                content=pngs[1],
+                content=pngs[2],
                 headers={"Content-Type": "image/png", "X-Deadline-Ms": "100"},
             )
             return await blocker, by_field, by_header
@@ -115,7 +122,7 @@ def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: lis
         assert r.status_code == 504, r.text
         assert r.json()["error"]["reason"] == "deadline_exceeded"
     _wait_idle(url)
-    assert _counter(url, "deqguard_images_total") - before == 1  # dropped before compute
+    assert _counter(url, "deqguard_images_total") - before == 2  # the late ones never ran
     assert _counter(url, "deqguard_rejections_total", reason="deadline_exceeded") - late_before == 2
 
 
@@ -126,11 +133,11 @@ def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: l
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(timeout=600) as client:
-            blocker = asyncio.create_task(_post(client, url, pngs[0], preset="paper"))
+            blocker = asyncio.create_task(_blocker(client, url, pngs))
             await asyncio.sleep(0.2)
             async with httpx.AsyncClient(timeout=0.3) as impatient:
                 with pytest.raises(httpx.ReadTimeout):
-                    await _post(impatient, url, pngs[1])
+                    await _post(impatient, url, pngs[2])
             return await blocker
 
     assert asyncio.run(run()).status_code == 200
@@ -138,7 +145,7 @@ def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: l
     assert (
         _counter(url, "deqguard_rejections_total", reason="client_disconnected") - gone_before == 1
     )
-    assert _counter(url, "deqguard_images_total") - images_before == 1
+    assert _counter(url, "deqguard_images_total") - images_before == 2  # the blocker's only
 
 
 def test_too_many_images_is_413(tight_server: LiveServer, pngs: list[bytes]) -> None:
