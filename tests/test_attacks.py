@@ -27,18 +27,8 @@ from deqguard.attacks import (
 )
 from deqguard.defense import DefenseParams, get_preset
 from deqguard.dynamics import deq_forward
-from deqguard.models import build_model
 
 EPS = 8 / 255
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_model("micro").eval()
-    with torch.no_grad():
-        m.classifier.weight.mul_(30)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,8 @@ from deqguard.audit import (
     write_plots,
 )
 from deqguard.defense import DefenseParams
-from deqguard.models import build_model
 
 DEFENSE = DefenseParams(R=1, Tf=1)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_model("micro").eval()
-    with torch.no_grad():
-        m.classifier.weight.mul_(30)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,6 @@ from deqguard.defense import (
     get_preset,
 )
 from deqguard.dynamics import deq_forward
-from deqguard.models import build_model
-
-
-@pytest.fixture(scope="module")
-def model():
-    """An untrained micro model with a sharpened classifier, so entropies are far from log 10."""
-    torch.manual_seed(0)
-    m = build_model("micro").eval()
-    with torch.no_grad():
-        m.classifier.weight.mul_(30)
-    return m
 
 
 @pytest.fixture(scope="module")
