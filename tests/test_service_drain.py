@@ -29,7 +29,7 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
 
         def call(png: bytes) -> None:
             r = http.post(
-                url + "/v1/predict?preset=fast",
+                url + "/v1/predict?preset=strong",  # heavy: still in flight when polled
                 content=png,
                 headers={"Content-Type": "image/png"},
             )
@@ -40,6 +40,7 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
             t.start()
         deadline = time.monotonic() + 300
         while http.get(url + "/readyz").json()["in_flight"] < 3:
+            assert not results, "work finished before SIGTERM could be sent; use heavier work"
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
