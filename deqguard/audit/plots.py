@@ -8,6 +8,16 @@ from typing import Any
 __all__ = ["write_plots"]
 
 
+def _save(fig: Any, out: Path, name: str) -> str:
+    """Lay out, write and close one figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
 def write_plots(report: dict[str, Any], out_dir: str | Path, prefix: str = "") -> list[str]:
     """Accuracy per attack (per state for Eq. 11 attacks, as in Fig. 3a), entropy along the
     dynamics clean vs attacked (Figs. 2c, 3b) and the relative state deviation (Fig. 3c).
@@ -59,11 +69,7 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, prefix: str = "") -
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title("Accuracy under each attack (defended decision)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    name = f"{prefix}accuracy.png"
-    fig.savefig(out / name, dpi=120)
-    plt.close(fig)
-    written.append(name)
+    written.append(_save(fig, out, f"{prefix}accuracy.png"))
 
     # 2. entropy along the dynamics
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -80,11 +86,7 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, prefix: str = "") -
     ax.set_ylabel("mean prediction entropy (nats)")
     ax.set_title("Entropy along the neural dynamics")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    name = f"{prefix}entropy.png"
-    fig.savefig(out / name, dpi=120)
-    plt.close(fig)
-    written.append(name)
+    written.append(_save(fig, out, f"{prefix}entropy.png"))
 
     # 3. relative state deviation
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -95,9 +97,5 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, prefix: str = "") -
     ax.set_ylabel("||z~[t] - z[t]|| / ||z[t]|| (%)")
     ax.set_title("Relative state deviation, attacked vs clean (5 strongest attacks)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    name = f"{prefix}state_deviation.png"
-    fig.savefig(out / name, dpi=120)
-    plt.close(fig)
-    written.append(name)
+    written.append(_save(fig, out, f"{prefix}state_deviation.png"))
     return written
