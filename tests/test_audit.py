@@ -19,7 +19,7 @@ from deqguard.audit import (
     wilson_interval,
     write_plots,
 )
-from deqguard.defense import DefenseParams
+from deqguard.defense import DefenseParams, defended_forward
 
 DEFENSE = DefenseParams(R=1, Tf=1)
 
@@ -37,7 +37,10 @@ def _cfg(**kw) -> AuditConfig:
 
 
 def _strip(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k != "elapsed_s"}
+    """The report without wall-clock figures (total and per attack)."""
+    out = {k: v for k, v in report.items() if k != "elapsed_s"}
+    out["attacks"] = [{k: v for k, v in a.items() if k != "seconds"} for a in report["attacks"]]
+    return out
 
 
 def test_wilson_interval() -> None:
@@ -129,6 +132,25 @@ def test_cancel_and_resume_give_the_uninterrupted_result(model, data, tmp_path) 
         AuditRunner(_cfg(seed=1), model=model, images=x, labels=y).run(state_path=state)
 
 
+def test_only_clean_correct_images_are_attacked_unless_asked(model, data) -> None:
+    x, _ = data
+    pred = defended_forward(model, x, DEFENSE, steps=2).prediction
+    y = torch.cat([pred[:2], (pred[2:] + 1) % 10])  # right on the first two, wrong on the rest
+    skip = AuditRunner(_cfg(), model=model, images=x, labels=y)
+    record = skip.run_batch(1)  # images 2, 3: nothing to attack
+    assert record["attacked"] == [False, False]
+    assert all(r["correct"] == [False, False] for r in record["attacks"])
+    report = skip.run()
+    validate_report(report)
+    assert report["clean"]["correct"] == 2 and report["n_attacked"] == 2
+    assert any("only images the defended model classifies correctly" in n for n in report["notes"])
+    every = AuditRunner(_cfg(attack_misclassified=True), model=model, images=x, labels=y).run()
+    assert every["n_attacked"] == 4 and every["clean"] == report["clean"]
+    for a, b in zip(report["attacks"], every["attacks"], strict=True):
+        assert a["robust"]["correct"] <= 2 and b["robust"]["correct"] <= 2
+        assert a["seconds"] >= 0.0 and len(a["state_deviation"]) == 2
+
+
 def test_sharding_covers_every_batch_once(model, data) -> None:
     x, y = data
     runner = AuditRunner(_cfg(), model=model, images=x, labels=y)
@@ -139,7 +161,7 @@ def test_sharding_covers_every_batch_once(model, data) -> None:
 
 def test_adaptive_suite_report_plots_and_summary(model, data, tmp_path) -> None:
     x, y = data
-    cfg = _cfg(suite="adaptive", n=2, square_queries=2, adaptive_ka=1)
+    cfg = _cfg(suite="adaptive", n=2, square_queries=2, adaptive_ka=1, attack_misclassified=True)
     report = AuditRunner(cfg, model=model, images=x, labels=y).run()
     validate_report(report)
     assert len(report["attacks"]) == 4

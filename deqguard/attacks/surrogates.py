@@ -95,6 +95,14 @@ NAMED_SUBSETS: dict[str, Callable[[int], list[IntermediateSpec]]] = {
     "half": lambda n: intermediate_grid(n, lams=(0.5,)),
     # Every state with a short, a middle and a long unroll.
     "states": lambda n: [IntermediateSpec(i, k, 0.5) for i in range(1, n + 1) for k in (1, 5, 9)],
+    # Every state with the short plain unroll and the damped middle one: a 2N-attack sweep of the
+    # grid's two strongest families in the shipped models' screens, for machines that cannot
+    # afford all 144 (reported as a subset).
+    "sweep": lambda n: [
+        spec
+        for i in range(1, n + 1)
+        for spec in (IntermediateSpec(i, 1, 1.0), IntermediateSpec(i, 5, 0.5))
+    ],
     # A few states around the middle of the dynamics, where the paper finds the strongest attacks.
     "quick": lambda n: (
         [IntermediateSpec(i, 5, 0.5) for i in sorted({max(1, n // 4), max(1, n // 2), n})]

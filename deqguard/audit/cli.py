@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         default="full",
-        help="Eq. 11 subset for the paper suite (full, half, states, quick)",
+        help="Eq. 11 subset for the paper suite (full, half, states, sweep, quick)",
     )
     p.add_argument("--no-autoattack", action="store_true", help="paper suite without AutoAttack")
     p.add_argument(
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aa-apgd-iters", type=int, default=None)
     p.add_argument("--square-queries", type=int, default=5000)
     p.add_argument("--transfer-from", default=None, help="store entry to craft transfer attacks on")
+    p.add_argument(
+        "--attack-misclassified",
+        action="store_true",
+        help="also attack images the defended model gets wrong (default: skip, as AutoAttack does)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
@@ -94,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             aa_apgd_iters=args.aa_apgd_iters,
             square_queries=args.square_queries,
             transfer_from=args.transfer_from,
+            attack_misclassified=args.attack_misclassified,
             device=args.device,
         )
     except (ValueError, json.JSONDecodeError) as exc:

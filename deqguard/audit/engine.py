@@ -58,14 +58,6 @@ def _seed(*parts: int) -> int:
 
 
 @dataclass
-class _Clean:
-    """The defended and undefended dynamics on the clean batch (for deviations and curves)."""
-
-    res: DefenseResult
-    undefended_entropy: Tensor  # [N, B]
-
-
-@dataclass
 class AuditRunner:
     """One audit. Pass ``model`` (and optionally ``images``/``labels``) to skip the store and
     the dataset (tests, the service's private model copy)."""
@@ -133,13 +125,16 @@ class AuditRunner:
         )
 
     # ------------------------------------------------------------------ one batch
-    def _record(self, x_adv: Tensor, y: Tensor, clean: _Clean) -> dict[str, Any]:
-        """Defended decision, entropies and state deviation on one attack's output."""
+    def _record(self, x_adv: Tensor, y: Tensor, clean_states: Tensor) -> dict[str, Any]:
+        """Defended decision, entropies and state deviation on one attack's output.
+
+        ``clean_states``: the defended trajectory on the clean images [N, b, D].
+        """
         assert self.model is not None
         res = self._defended(x_adv)
         und = deq_forward(self.model, x_adv, self.solver, steps=self.config.steps).step_entropy
-        assert res.trace is not None and clean.res.trace is not None and und is not None
-        zc, za = clean.res.trace.states, res.trace.states  # [N, B, D]
+        assert res.trace is not None and und is not None
+        zc, za = clean_states, res.trace.states  # [N, b, D]
         dev = (za - zc).flatten(2).norm(dim=2) / zc.flatten(2).norm(dim=2).clamp_min(1e-12)
         return {
             "correct": (res.prediction == y).tolist(),
@@ -148,6 +143,19 @@ class AuditRunner:
             "undefended_step_entropy_sum": und.sum(1).tolist(),
             "state_dev_sum": dev.sum(1).tolist(),
         }
+
+    @staticmethod
+    def _scatter(sub: dict[str, Any], idx: list[int], base: dict[str, list[Any]]) -> dict[str, Any]:
+        """The attacked subset's per-sample lists spread over the whole batch: an image that was
+        not attacked keeps its clean value (its adversarial example is itself). The per-step
+        sums stay sums over the attacked images."""
+        out = dict(sub)
+        for key, clean in base.items():
+            full = list(clean)
+            for j, i in enumerate(idx):
+                full[i] = sub[key][j]
+            out[key] = full
+        return out
 
     def _attack(
         self,
@@ -209,24 +217,45 @@ class AuditRunner:
     ) -> dict[str, Any]:
         """The record of batch ``index``: labels, clean results and one entry per plan.
 
-        ``should_cancel`` is also polled between attacks (a cancelled batch is discarded).
+        Only the images the defended model gets right are attacked unless
+        ``config.attack_misclassified``; the others keep x_adv = x. ``should_cancel`` is also
+        polled between attacks (a cancelled batch is discarded).
         """
         assert self.model is not None
         x, y = self.batch(index)
         clean_res = self._defended(x)
         und = deq_forward(self.model, x, self.solver, steps=self.config.steps).step_entropy
-        assert und is not None
-        clean = _Clean(clean_res, und)
+        assert und is not None and clean_res.trace is not None
+        clean_ok = clean_res.prediction == y
+        attacked = torch.ones_like(clean_ok) if self.config.attack_misclassified else clean_ok
+        idx = attacked.nonzero().flatten()
+        idx_list = idx.tolist()
+        xs, ys, zc = x[idx], y[idx], clean_res.trace.states[:, idx]
+        base: dict[str, list[Any]] = {
+            "correct": clean_ok.tolist(),
+            "entropy": clean_res.entropy.tolist(),
+        }
+        empty = {  # the per-step sums of a batch with nothing to attack
+            "step_entropy_sum": [0.0] * clean_res.step_entropy.shape[0],
+            "undefended_step_entropy_sum": [0.0] * und.shape[0],
+            "state_dev_sum": [0.0] * clean_res.trace.states.shape[0],
+        }
         records: list[dict[str, Any]] = []
         strongest: IntermediateSpec | None = None
         best = None
         for a, plan in enumerate(self.plans):
             if should_cancel is not None and should_cancel():
                 raise AuditCancelled(f"cancelled during batch {index}")
-            x_adv = self._attack(plan, a, index, x, y, strongest)
-            if (x_adv - x).abs().max() > self.config.eps + 1e-6:  # never report an invalid attack
-                raise RuntimeError(f"{plan.name} left the eps-ball")
-            rec = self._record(x_adv, y, clean)
+            t0 = time.perf_counter()
+            if idx_list:
+                x_adv = self._attack(plan, a, index, xs, ys, strongest)
+                if (x_adv - xs).abs().max() > self.config.eps + 1e-6:  # never report invalid
+                    raise RuntimeError(f"{plan.name} left the eps-ball")
+                sub = self._record(x_adv, ys, zc)
+            else:
+                sub = {"correct": [], "entropy": [], **empty}
+            sub["seconds"] = time.perf_counter() - t0
+            rec = self._scatter(sub, idx_list, base)
             records.append(rec)
             if plan.kind == "pgd":
                 score = sum(rec["correct"])
@@ -235,10 +264,11 @@ class AuditRunner:
         return {
             "index": index,
             "labels": y.tolist(),
-            "clean_correct": (clean_res.prediction == y).tolist(),
+            "clean_correct": clean_ok.tolist(),
+            "attacked": attacked.tolist(),
             "clean_entropy": clean_res.entropy.tolist(),
-            "clean_step_entropy_sum": clean_res.step_entropy.sum(1).tolist(),
-            "clean_undefended_step_entropy_sum": und.sum(1).tolist(),
+            "clean_step_entropy_sum": clean_res.step_entropy[:, idx].sum(1).tolist(),
+            "clean_undefended_step_entropy_sum": und[:, idx].sum(1).tolist(),
             "attacks": records,
         }
 
@@ -335,6 +365,11 @@ class AuditRunner:
             notes.append(f"Square with {cfg.square_queries} queries (standard: 5000)")
         if cfg.pgd_steps != 10:
             notes.append(f"PGD-{cfg.pgd_steps} instead of PGD-10")
+        if not cfg.attack_misclassified:
+            notes.append(
+                "only images the defended model classifies correctly were attacked (the others"
+                " count as non-robust); P, Delta H and the curves are over the attacked images"
+            )
         return build_report(
             cfg.to_dict(),
             self.model_info,

@@ -92,6 +92,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "config": {"type": "object"},
         "model": {"type": "object"},
         "n": {"type": "integer", "minimum": 0},
+        "n_attacked": {"type": "integer", "minimum": 0},
         "batches": {"type": "integer", "minimum": 0},
         "complete": {"type": "boolean"},
         "clean": _ACC,
@@ -209,6 +210,10 @@ def build_report(
     n = sum(len(b["labels"]) for b in batches)
     clean_ok = [c for b in batches for c in b["clean_correct"]]
     clean_h = [h for b in batches for h in b["clean_entropy"]]
+    # Older records attacked every image; newer ones say which were. The curves' per-batch
+    # sums run over the attacked images only.
+    hit = [a for b in batches for a in b.get("attacked", [True] * len(b["labels"]))]
+    n_hit = sum(hit)
     survive = list(clean_ok)
     attacks = []
     for a, plan in enumerate(plans):
@@ -217,19 +222,21 @@ def build_report(
         adv_h = [h for r in recs for h in r["entropy"]]
         robust = [c and o for c, o in zip(clean_ok, ok)]
         survive = [s and r for s, r in zip(survive, robust)]
-        p = sum(hc < ha for hc, ha in zip(clean_h, adv_h)) / n if n else 0.0
-        dh = sum(hc - ha for hc, ha in zip(clean_h, adv_h)) / n if n else 0.0
+        pairs = [(hc, ha) for hc, ha, h in zip(clean_h, adv_h, hit) if h]
+        p = sum(hc < ha for hc, ha in pairs) / n_hit if n_hit else 0.0
+        dh = sum(hc - ha for hc, ha in pairs) / n_hit if n_hit else 0.0
         attacks.append(
             {
                 **plan,
                 "robust": _acc(sum(robust), n),
                 "P": p,
                 "delta_H": dh,
-                "entropy_curve": _mean_curve([r["step_entropy_sum"] for r in recs], n),
+                "entropy_curve": _mean_curve([r["step_entropy_sum"] for r in recs], n_hit),
                 "undefended_entropy_curve": _mean_curve(
-                    [r["undefended_step_entropy_sum"] for r in recs], n
+                    [r["undefended_step_entropy_sum"] for r in recs], n_hit
                 ),
-                "state_deviation": _mean_curve([r["state_dev_sum"] for r in recs], n),
+                "state_deviation": _mean_curve([r["state_dev_sum"] for r in recs], n_hit),
+                "seconds": float(sum(r.get("seconds", 0.0) for r in recs)),
             }
         )
     strongest = min(attacks, key=lambda a: a["robust"]["correct"], default=None)
@@ -246,14 +253,15 @@ def build_report(
         "batches": len(batches),
         "complete": len(batches) == total_batches,
         "clean": _acc(sum(clean_ok), n),
+        "n_attacked": n_hit,
         "attacks": attacks,
         "headline": headline,
         "worst_case": _acc(sum(survive), n),
         "P_stats": _stats([a["P"] for a in attacks]),
         "delta_H_stats": _stats([a["delta_H"] for a in attacks]),
-        "clean_entropy_curve": _mean_curve([b["clean_step_entropy_sum"] for b in batches], n),
+        "clean_entropy_curve": _mean_curve([b["clean_step_entropy_sum"] for b in batches], n_hit),
         "clean_undefended_entropy_curve": _mean_curve(
-            [b["clean_undefended_step_entropy_sum"] for b in batches], n
+            [b["clean_undefended_step_entropy_sum"] for b in batches], n_hit
         ),
         "elapsed_s": float(elapsed_s),
         "notes": list(notes or []),
