@@ -196,3 +196,64 @@ def test_cli_writes_report_plots_and_summary(model, tmp_path) -> None:
     assert (
         main(["m", "--store", str(tmp_path / "store"), "--suite", "nope", "--out", str(out)]) != 0
     )
+
+
+def test_torchrun_sharded_cli_gives_the_single_process_report(model, tmp_path) -> None:
+    """Two real processes under torchrun (gloo): each audits every other batch, rank 0 gathers
+    and writes the report, which equals the one-process report."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deqguard.audit.cli import main
+    from deqguard.data import DatasetError, load_test
+    from deqguard.store import save_entry
+
+    try:
+        load_test(n=4)
+    except DatasetError:
+        pytest.skip("CIFAR-10 not available")
+    store = tmp_path / "store"
+    save_entry(store, "m", model, version="1")
+    argv = ["m", "--store", str(store), "--defense", '{"R": 1, "Tf": 1}', "-n", "4"]
+    argv += [
+        "--batch-size",
+        "1",
+        "--steps",
+        "2",
+        "--pgd-steps",
+        "1",
+        "--quiet",
+        "--attack-misclassified",
+    ]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "deqguard.audit.cli"]
+        + argv
+        + ["--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads((tmp_path / "two" / "report.json").read_text())
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert sharded["n"] == 4 and sharded["batches"] == 4 and sharded["complete"]
+    assert sorted((tmp_path / "two").glob("state.rank*.json")) != []
+    # decisions and counts exactly; float statistics up to thread-count rounding (1 vs 2 threads)
+    assert _rounded(_strip(sharded)) == _rounded(_strip(single))
+
+
+def _rounded(value: object, digits: int = 4) -> object:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value

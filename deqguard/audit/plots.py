@@ -85,7 +85,8 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, prefix: str = "") -
     ax.set_xlabel("state z[t]")
     ax.set_ylabel("mean prediction entropy (nats)")
     ax.set_title("Entropy along the neural dynamics")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # nothing to draw when no image was attacked
+        ax.legend(fontsize=6)
     written.append(_save(fig, out, f"{prefix}entropy.png"))
 
     # 3. relative state deviation
