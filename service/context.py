@@ -239,6 +239,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def get_ctx(request: Request) -> ServiceContext:
-    """FastAPI dependency: the service context of the app serving this request."""
+async def get_ctx(request: Request) -> ServiceContext:
+    """FastAPI dependency: the service context of the app serving this request (``async`` so
+    that it runs on the event loop: a sync dependency costs a thread-pool hop per request)."""
     return request.app.state.ctx

@@ -120,7 +120,7 @@ PREDICT_BODY: dict[str, Any] = {
 }
 
 
-def _query_fields(
+async def _query_fields(
     preset: Annotated[Literal["off", "paper", "fast", "strong"] | None, Query()] = None,
     beta: Annotated[float | None, Query(ge=0, le=1)] = None,
     R: Annotated[int | None, Query(ge=0)] = None,
@@ -130,7 +130,8 @@ def _query_fields(
     model: Annotated[str | None, Query(pattern=MODEL_REF_PATTERN)] = None,
     deadline_ms: Annotated[float | None, Query(gt=0, le=3_600_000)] = None,
 ) -> dict[str, Any]:
-    """Defense settings from the query string (documented in OpenAPI, validated by FastAPI)."""
+    """Defense settings from the query string (documented in OpenAPI, validated by FastAPI).
+    ``async`` only so that FastAPI calls it on the event loop instead of a thread hop."""
     values = {
         "preset": preset,
         "beta": beta,
