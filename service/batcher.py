@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from service.arbiter import DeviceArbiter
 from service.errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull, ServiceError
 
 __all__ = ["Batcher", "Job", "JobResult"]
@@ -102,6 +103,8 @@ class Batcher:
         self._on_failure = on_failure or (lambda: None)
         self._per_image_s = 0.05  # running estimate of device seconds per image (Retry-After)
         self.busy = False
+        # shares the device with background audits: predict batches first, never concurrently
+        self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -126,8 +129,14 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` on the device thread (model loading, warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run ``fn`` on the device thread (model loading, warm-up), with predict priority."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._exclusive, fn, *args
+        )
+
+    def _exclusive(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.arbiter.predict():
+            return fn(*args)
 
     # ------------------------------------------------------------------ admission
     @property
@@ -224,7 +233,9 @@ class Batcher:
             started = time.monotonic()
             self.busy = True
             try:
-                results = await loop.run_in_executor(self.executor, self._compute, model, batch)
+                results = await loop.run_in_executor(
+                    self.executor, self._exclusive, self._compute, model, batch
+                )
             except Exception as exc:  # the device thread itself failed: fail this batch only
                 log.exception("device worker call failed")
                 results = [exc] * len(batch)

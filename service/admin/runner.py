@@ -1,11 +1,14 @@
 """Runs audit jobs: at most ``max_concurrent_audits`` at once, each on its own thread, each
 persisting its partial result after every batch so that a restart resumes it.
 
-Yielding to online traffic: every f-evaluation of an audit's model first passes the gate, which
-waits while predict requests are queued or a predict batch is computing (up to
-``audit_yield_max_s``, so audits still progress under sustained load). The audit thread thus
-computes only in the gaps between predict batches, and a predict request that arrives while
-an audit computes waits for at most one f-evaluation (forward or backward) of one audit batch.
+Yielding to online traffic: every f-evaluation of an audit's model first passes the gate, the
+device arbiter's (:mod:`service.arbiter`): it waits while predict requests are queued or a
+predict batch is computing (for queued ones up to ``audit_yield_max_s``, so audits still progress
+under sustained load), and a predict batch waits for the audit's current f-evaluation to end.
+The audit thus computes only in the gaps between predict batches and never at the same time as
+one, and a predict request that arrives while an audit computes waits for at most one
+f-evaluation (forward or backward) of one audit batch. (With ``max_concurrent_audits`` > 1 the
+audits share one segment flag: they may overlap each other's segments.)
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from service.context import ServiceContext
 __all__ = ["AuditRunner"]
 
 log = logging.getLogger("deqguard.admin")
-
-_POLL_S = 0.002
 
 
 class AuditRunner:
@@ -116,23 +117,23 @@ class AuditRunner:
 
     def _gate_for(self, job_id: str) -> Any:
         cancel = self._cancel[job_id]
-        batcher = self.ctx.batcher
+        arbiter = self.ctx.batcher.arbiter
         max_wait = self.settings.audit_yield_max_s
         yielded = self.metrics.yield_seconds
 
+        def stop() -> bool:
+            return cancel.is_set() or self._shutdown.is_set()
+
         def gate() -> None:
-            if cancel.is_set() or self._shutdown.is_set():
+            if stop():
                 raise AuditStopped()
-            if batcher.queued_images == 0 and not batcher.busy:
-                return
             t0 = time.monotonic()
-            while (batcher.queued_images > 0 or batcher.busy) and (
-                time.monotonic() - t0 < max_wait
-            ):
-                if cancel.is_set() or self._shutdown.is_set():
-                    raise AuditStopped()
-                time.sleep(_POLL_S)
-            yielded.inc(time.monotonic() - t0)
+            waited = arbiter.background_gate(max_wait, stop)
+            if stop():
+                arbiter.background_done()
+                raise AuditStopped()
+            if waited:
+                yielded.inc(time.monotonic() - t0)
 
         return gate
 
@@ -179,6 +180,7 @@ class AuditRunner:
                 gate()
                 t0 = time.monotonic()
                 res = task.run_batch(index)
+                self.ctx.batcher.arbiter.background_done()  # no device work until the next gate
                 dt = time.monotonic() - t0
                 n, c, r = task.batch_counts(res)
                 batches.append(res)
@@ -206,6 +208,8 @@ class AuditRunner:
             log.warning("audit %s failed: %s", job_id, traceback.format_exc())
             self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            self.ctx.batcher.arbiter.background_done()  # whatever happened, free the device
         report["job"] = {"id": job_id, "compute_s": compute_s, "resumes": job.resumes}
         self.store.finish(job_id, "succeeded", report=report)
         log.info("audit %s finished: robust %d/%d", job_id, robust, samples)
