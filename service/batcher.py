@@ -76,6 +76,7 @@ class Batcher:
         max_delay_s: how long the oldest job waits for company.
         queue_size: most images queued (not yet computing); beyond it, :class:`QueueFull`.
         on_batch: called on the event loop after every computed batch (metrics).
+        torch_threads: torch CPU threads of the device thread (0: torch's default).
     """
 
     def __init__(
@@ -88,12 +89,21 @@ class Batcher:
         on_batch: Callable[[str, list[Job], float, list[Any]], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         on_failure: Callable[[], None] | None = None,
+        torch_threads: int = 0,
     ) -> None:
         self.runner = runner
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deqguard-device")
+        # The device thread fixes its own torch thread count when it starts (torch keeps one per
+        # thread once a thread has used it), so other threads' settings never change it.
+        self.torch_threads = torch_threads or torch.get_num_threads()
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="deqguard-device",
+            initializer=torch.set_num_threads,
+            initargs=(self.torch_threads,),
+        )
         self._pending: deque[Job] = deque()
         self._queued_images = 0
         self._wake: asyncio.Event | None = None

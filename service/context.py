@@ -54,6 +54,7 @@ class ServiceContext:
             on_batch=self._on_batch,
             on_depth=self.metrics.queue_depth.set,
             on_failure=self.metrics.batch_failures.inc,
+            torch_threads=settings.torch_threads,
         )
         self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deqguard-decode")
         self.loaded = False
@@ -74,8 +75,6 @@ class ServiceContext:
         self.loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
         self.batcher.start()
         served = await self.batcher.call(self.pool.get, self.settings.model.partition("@")[0])
         self._update_model_info()

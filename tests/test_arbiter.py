@@ -106,3 +106,28 @@ def test_stop_request_returns_without_starting_a_segment() -> None:
     threading.Timer(0.1, flag.set).start()
     arbiter.background_gate(max_wait_s=60.0, should_stop=flag.is_set)
     assert flag.is_set() and not arbiter.background_active
+
+
+def test_device_thread_keeps_its_torch_threads_when_an_audit_thread_uses_one() -> None:
+    """The audit threads run torch with 1 thread (a second multi-threaded OpenMP team throttles
+    every team's spin-waiting); that must not change the device thread's count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from service.admin.settings import AdminSettings
+    from service.batcher import Batcher
+
+    assert AdminSettings().audit_torch_threads == 1
+    before = torch.get_num_threads()
+    batcher = Batcher(lambda *a: [], max_batch=1, max_delay_s=0.0, queue_size=1, torch_threads=2)
+    try:
+        assert batcher.executor.submit(torch.get_num_threads).result() == 2
+        audit = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+        x = torch.rand(64, 64)
+        assert audit.submit(lambda: (x @ x, torch.get_num_threads())[1]).result() == 1
+        audit.shutdown()
+        assert batcher.executor.submit(torch.get_num_threads).result() == 2
+    finally:
+        batcher.executor.shutdown()
+        torch.set_num_threads(before)

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deqguard.audit import wilson_interval
 from service.admin.engine import AuditStopped, AuditTask
 from service.admin.jobs import Job, JobStore
@@ -50,7 +52,10 @@ class AuditRunner:
         self.ctx = ctx
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrent_audits, thread_name_prefix="deqguard-audit"
+            max_workers=settings.max_concurrent_audits,
+            thread_name_prefix="deqguard-audit",
+            initializer=torch.set_num_threads,  # before the thread's first torch op
+            initargs=(settings.audit_torch_threads,),
         )
         self._sem: asyncio.Semaphore | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}

@@ -35,6 +35,11 @@ class AdminSettings(BaseSettings):
     audit_yield_max_s: float = Field(default=5.0, ge=0.0, le=3600.0)
     """Longest an audit waits for the predict queue to drain before it computes anyway, so
     audits still progress under sustained load."""
+    audit_torch_threads: int = Field(default=1, ge=1, le=256)
+    """torch CPU threads of each audit thread. Keep 1 on CPU: a second multi-threaded OpenMP
+    team in the process, even an idle one, makes libgomp throttle its spin-waiting for every team
+    (more OpenMP threads than cores), which measured 3-4x slower predict batches for as long as
+    the audit thread lives (docs/BENCHMARKS.md, audit-latency)."""
 
     @field_validator("database_url")
     @classmethod
