@@ -77,7 +77,10 @@ def b64decode(text: Any, part: str) -> bytes:
 def decode_all(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:
     """Encoded images (named parts) -> float32 [n, 3, 32, 32] in [0, 1] (runs off the loop)."""
     arrays = [decode_image(data, part, max_pixels=max_pixels) for part, data in blobs]
-    return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+    # numpy, not torch: a torch op big enough to run in parallel would give this decode thread
+    # its own OpenMP team, and a second team throttles the device thread (service/arbiter.py)
+    scaled = np.divide(np.stack(arrays), np.float32(255.0), dtype=np.float32)
+    return torch.from_numpy(scaled)
 
 
 def prepare(
