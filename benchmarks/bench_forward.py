@@ -64,9 +64,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for m in args.models:
         for b in args.batches:
-            reps = args.repeats if not (m in ("large", "xl") and b > 8) else max(2, args.repeats // 2)
+            reps = (
+                args.repeats if not (m in ("large", "xl") and b > 8) else max(2, args.repeats // 2)
+            )
             out = subprocess.run(
-                [sys.executable, __file__, "--child", m, str(b), "--repeats", str(reps), "--steps", str(args.steps)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    m,
+                    str(b),
+                    "--repeats",
+                    str(reps),
+                    "--steps",
+                    str(args.steps),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -74,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((m, b, res))
             print(m, b, json.dumps(res), flush=True)
-    cmd = "python benchmarks/bench_forward.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/bench_forward.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     lines = [
         "## Undefended forward (core)",
         "",
