@@ -62,6 +62,13 @@ def test_config_validation() -> None:
         _cfg(grid="nope")
     assert len(build_suite(_cfg(suite="paper", steps=8))) == 145
     assert len(build_suite(_cfg(suite="paper", steps=8, autoattack=False))) == 144
+    no_aa = AuditRunner(
+        _cfg(suite="paper", grid="quick", autoattack=False),
+        model=torch.nn.Identity(),  # report() needs no model
+        images=torch.zeros(4, 3, 32, 32),
+        labels=torch.zeros(4, dtype=torch.long),
+    ).report([])
+    assert any("AutoAttack not run" in note for note in no_aa["notes"])
     kinds = {p.kind for p in build_suite(_cfg(suite="adaptive"))}
     assert kinds == {"bpda", "exact", "square"}
     assert AuditConfig.from_dict(_cfg().to_dict()) == _cfg()

@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not done:
                 print(f"deqguard audit: no saved batches in {out / 'state.json'}", file=sys.stderr)
                 return 2
-            report = runner.report(list(done.values()))
+            previous = out / "report.json"  # keep the wall time the full run recorded
+            elapsed = json.loads(previous.read_text())["elapsed_s"] if previous.exists() else 0.0
+            report = runner.report(list(done.values()), elapsed_s=elapsed)
         else:
             report = runner.run(progress=progress, state_path=out / "state.json")
     except AuditCancelled as exc:

@@ -355,10 +355,16 @@ class AuditRunner:
         cfg = self.config
         if cfg.suite == "paper" and cfg.grid != "full":
             notes.append(f"Eq. 11 grid subset `{cfg.grid}`, not the full 144 attacks")
-        if cfg.suite == "paper" and (
-            cfg.aa_apgd_iters is not None
-            or cfg.square_queries != 5000
-            or cfg.aa_version != "standard"
+        if cfg.suite == "paper" and not cfg.autoattack:
+            notes.append("AutoAttack not run (the paper suite's second part; --no-autoattack)")
+        if (
+            cfg.suite == "paper"
+            and cfg.autoattack
+            and (
+                cfg.aa_apgd_iters is not None
+                or cfg.square_queries != 5000
+                or cfg.aa_version != "standard"
+            )
         ):
             notes.append("AutoAttack with non-standard budgets or attacks (see config)")
         if cfg.suite == "adaptive" and cfg.square_queries != 5000:
