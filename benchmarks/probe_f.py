@@ -1,0 +1,75 @@
+"""Two quick probes of one f-evaluation on CPU (numbers quoted in docs/BENCHMARKS.md's notes).
+
+    python benchmarks/probe_f.py compile   # micro-trades-ri's f, batch 64, 2 threads: eager vs torch.compile
+    python benchmarks/probe_f.py profile   # tiny's f (random weights), batch 64, 1 thread: op breakdown
+
+Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from deqguard.dynamics import cached_weights  # noqa: E402
+
+
+def _ms(fn, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1000
+
+
+def compile_probe() -> None:
+    from deqguard.data import load_test
+    from deqguard.store import load_entry
+
+    torch.set_num_threads(2)
+    m = load_entry("model_store", "micro-trades-ri", "cpu").model.eval()
+    x = load_test(n=64).float_images("cpu")
+    with torch.no_grad(), cached_weights(m):
+        inj = m.inject(x)
+        z = m.zero_state(64, x.device, x.dtype)
+        for _ in range(4):
+            z = m.cell(z, inj)
+        print("eager f ms", _ms(lambda: m.cell(z, inj)))
+        print("eager head ms", _ms(lambda: m.head(z)))
+        t0 = time.perf_counter()
+        compiled = torch.compile(m.cell, dynamic=False)
+        compiled(z, inj)
+        print("compile s", time.perf_counter() - t0)
+        print("compiled f ms", _ms(lambda: compiled(z, inj)))
+        print("max |diff|", (compiled(z, inj) - m.cell(z, inj)).abs().max().item())
+
+
+def profile_probe() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from deqguard.models import build_model
+
+    torch.set_num_threads(1)
+    m = build_model("tiny").eval()
+    x = torch.rand(64, 3, 32, 32)
+    with torch.no_grad(), cached_weights(m):
+        inj = m.inject(x)
+        z = m.zero_state(64, x.device, x.dtype)
+        for _ in range(3):
+            z = m.cell(z, inj)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                m.cell(z, inj)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    {"compile": compile_probe, "profile": profile_probe}[
+        sys.argv[1] if len(sys.argv) > 1 else "profile"
+    ]()
