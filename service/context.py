@@ -55,6 +55,7 @@ class ServiceContext:
             on_depth=self.metrics.queue_depth.set,
             on_failure=self.metrics.batch_failures.inc,
             torch_threads=settings.torch_threads,
+            fill_fraction=settings.batch_fill_fraction,
         )
         self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deqguard-decode")
         self.loaded = False

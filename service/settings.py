@@ -39,6 +39,10 @@ class ServiceSettings(BaseSettings):
     """Most images one device batch holds."""
     max_batch_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
     """How long the first queued request waits for others to join its batch."""
+    batch_fill_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Under load (the oldest request waited for the device), a batch may also wait up to this
+    fraction of a full batch's measured compute time after the device frees up, so that clients
+    answered by the previous batch join the next one (0 turns it off; capped at 0.25 s)."""
     queue_size: int = Field(default=512, ge=1, le=1_000_000)
     """Most images waiting for the device; more gets 429."""
     default_deadline_ms: float = Field(default=30_000.0, gt=0.0, le=3_600_000.0)

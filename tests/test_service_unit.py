@@ -61,6 +61,42 @@ def test_batcher_batches_and_splits_results() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("fill_fraction, second_batch", [(0.0, 4), (0.5, 8)])
+def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
+    fill_fraction: float, second_batch: int
+) -> None:
+    """Closed loop, 8 clients, batches of up to 8: 4 clients start, 4 arrive while the first
+    batch computes. Without filling, the batches alternate between the two halves; with it, the
+    first half's clients (answered, back 20 ms later) join the second half in one batch."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        b = Batcher(
+            _tag_runner(calls, delay=0.4),
+            max_batch=8,
+            max_delay_s=0.001,
+            queue_size=64,
+            fill_fraction=fill_fraction,
+        )
+        b._per_image_s = 0.4 / 4  # as measured from earlier batches (fill: 0.5 * 0.1 * 8 = 0.4 s)
+        b.start()
+
+        async def client(tag: float, start_s: float) -> None:
+            await asyncio.sleep(start_s)
+            for _ in range(2):
+                job = _job(loop, tag)
+                b.submit(job)
+                await job.future
+                await asyncio.sleep(0.02)  # the client's turnaround
+
+        await asyncio.gather(*(client(float(i), 0.0 if i < 4 else 0.1) for i in range(8)))
+        assert calls[0] == 4 and calls[1] == second_batch
+        await b.stop()
+
+    asyncio.run(main())
+
+
 def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
