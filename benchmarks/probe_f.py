@@ -2,6 +2,7 @@
 
     python benchmarks/probe_f.py compile   # micro-trades-ri's f, batch 64, 2 threads: eager vs torch.compile
     python benchmarks/probe_f.py profile   # tiny's f (random weights), batch 64, 1 thread: op breakdown
+    python benchmarks/probe_f.py batch     # micro-trades-ri served path, batch 16 vs 32, off and paper
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
@@ -69,7 +70,26 @@ def profile_probe() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def batch_probe() -> None:
+    from deqguard.data import load_test
+    from deqguard.defense import defended_forward, get_preset
+    from deqguard.store import load_entry
+
+    entry = load_entry("model_store", "micro-trades-ri", "cpu")
+    model = entry.model.eval()
+    x = load_test(n=64).float_images("cpu")
+    for preset in ("paper", "off"):
+        params = get_preset(preset)
+        for b in (16, 32):
+            defended_forward(model, x[:b], params, entry.manifest.solver)
+            t, n = time.perf_counter(), 0
+            while time.perf_counter() - t < 6:
+                defended_forward(model, x[:b], params, entry.manifest.solver)
+                n += b
+            print(preset, b, round(n / (time.perf_counter() - t), 1), "img/s", flush=True)
+
+
 if __name__ == "__main__":
-    {"compile": compile_probe, "profile": profile_probe}[
+    {"compile": compile_probe, "profile": profile_probe, "batch": batch_probe}[
         sys.argv[1] if len(sys.argv) > 1 else "profile"
     ]()
