@@ -123,6 +123,8 @@ class Batcher:
         self.busy = False
         self.fill_fraction = fill_fraction
         self._free_since = 0.0  # time.monotonic() when the last batch finished
+        self._last_arrival: float | None = None
+        self._gap_s: float | None = None  # running mean time between arriving images
         # shares the device with background audits: predict batches first, never concurrently
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
@@ -166,7 +168,9 @@ class Batcher:
     def fill_wait_s(self) -> float:
         """How long a batch may wait to fill under load: ``fill_fraction`` of a full batch's
         estimated compute time (at most 0.25 s), so it costs at most that fraction of
-        throughput while clients that the previous batch answered come back."""
+        throughput while clients that the previous batch answered come back. The loop waits only
+        when at least one arrival is expected in that time (running mean gap between images),
+        so sparse traffic that happens to meet a busy device does not pay it."""
         return min(0.25, self.fill_fraction * self._per_image_s * self.max_batch)
 
     def retry_after_s(self) -> int:
@@ -184,6 +188,10 @@ class Batcher:
             )
         self._pending.append(job)
         self._queued_images += job.n
+        if self._last_arrival is not None:
+            gap = (job.enqueued - self._last_arrival) / job.n
+            self._gap_s = gap if self._gap_s is None else 0.8 * self._gap_s + 0.2 * gap
+        self._last_arrival = job.enqueued
         self._on_depth(self._queued_images)
         self._wake.set()
 
@@ -243,7 +251,9 @@ class Batcher:
             first = self._pending[0]
             until = first.enqueued + self.max_delay_s
             if first.enqueued < self._free_since:  # it waited for the device: load is high
-                until = max(until, self._free_since + self.fill_wait_s())
+                fill = self.fill_wait_s()
+                if self._gap_s is not None and fill >= self._gap_s:  # company is expected
+                    until = max(until, self._free_since + fill)
             while self._pending and self._images_for(self._pending[0].model) < self.max_batch:
                 left = until - time.monotonic()
                 if left <= 0:

@@ -42,7 +42,8 @@ class ServiceSettings(BaseSettings):
     batch_fill_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     """Under load (the oldest request waited for the device), a batch may also wait up to this
     fraction of a full batch's measured compute time after the device frees up, so that clients
-    answered by the previous batch join the next one (0 turns it off; capped at 0.25 s)."""
+    answered by the previous batch join the next one (0 turns it off; capped at 0.25 s). It
+    waits only when requests arrive often enough to expect company within that time."""
     queue_size: int = Field(default=512, ge=1, le=1_000_000)
     """Most images waiting for the device; more gets 429."""
     default_deadline_ms: float = Field(default=30_000.0, gt=0.0, le=3_600_000.0)

@@ -97,6 +97,37 @@ def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
     asyncio.run(main())
 
 
+def test_sparse_requests_that_meet_a_busy_device_do_not_wait_to_fill() -> None:
+    """One request every 0.4 s, each computing 0.5 s: a request that arrives while the device is
+    busy starts as soon as it frees up, because no company is expected within the 0.25 s fill."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        b = Batcher(
+            _tag_runner(calls, delay=0.5),
+            max_batch=8,
+            max_delay_s=0.001,
+            queue_size=64,
+            fill_fraction=0.0625,
+        )
+        b._per_image_s = 0.5  # fill: 0.0625 * 0.5 * 8 = 0.25 s
+        b.start()
+        jobs = []
+        for i in range(3):
+            jobs.append(_job(loop, float(i)))
+            b.submit(jobs[-1])
+            await asyncio.sleep(0.4)  # the next one arrives while this one computes
+        results = await asyncio.gather(*(j.future for j in jobs))
+        assert calls == [1, 1, 1]
+        assert b._gap_s is not None and b._gap_s > b.fill_wait_s() == 0.25
+        # they waited only for the batch ahead (about 0.1 and 0.2 s), never the extra 0.25 s fill
+        assert all(r.queue_s < 0.3 for r in results), [r.queue_s for r in results]
+        await b.stop()
+
+    asyncio.run(main())
+
+
 def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
