@@ -123,8 +123,8 @@ class Batcher:
         self.busy = False
         self.fill_fraction = fill_fraction
         self._free_since = 0.0  # time.monotonic() when the last batch finished
-        self._last_arrival: float | None = None
-        self._gap_s: float | None = None  # running mean time between arriving images
+        self._arrived = 0  # images submitted so far
+        self._busy_rate = 0.0  # images/s that arrived while the last batch computed
         # shares the device with background audits: predict batches first, never concurrently
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
@@ -169,8 +169,8 @@ class Batcher:
         """How long a batch may wait to fill under load: ``fill_fraction`` of a full batch's
         estimated compute time (at most 0.25 s), so it costs at most that fraction of
         throughput while clients that the previous batch answered come back. The loop waits only
-        when at least one arrival is expected in that time (running mean gap between images),
-        so sparse traffic that happens to meet a busy device does not pay it."""
+        when at least one arrival is expected in that time (at the rate images arrived while the
+        last batch computed), so sparse traffic that meets a busy device does not pay it."""
         return min(0.25, self.fill_fraction * self._per_image_s * self.max_batch)
 
     def retry_after_s(self) -> int:
@@ -188,10 +188,7 @@ class Batcher:
             )
         self._pending.append(job)
         self._queued_images += job.n
-        if self._last_arrival is not None:
-            gap = (job.enqueued - self._last_arrival) / job.n
-            self._gap_s = gap if self._gap_s is None else 0.8 * self._gap_s + 0.2 * gap
-        self._last_arrival = job.enqueued
+        self._arrived += job.n
         self._on_depth(self._queued_images)
         self._wake.set()
 
@@ -252,7 +249,7 @@ class Batcher:
             until = first.enqueued + self.max_delay_s
             if first.enqueued < self._free_since:  # it waited for the device: load is high
                 fill = self.fill_wait_s()
-                if self._gap_s is not None and fill >= self._gap_s:  # company is expected
+                if self._busy_rate * fill >= 1.0:  # company is expected within the fill time
                     until = max(until, self._free_since + fill)
             while self._pending and self._images_for(self._pending[0].model) < self.max_batch:
                 left = until - time.monotonic()
@@ -269,6 +266,7 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
+            arrived_before = self._arrived
             self.busy = True
             try:
                 results = await loop.run_in_executor(
@@ -281,6 +279,7 @@ class Batcher:
                 self.busy = False
             self._free_since = time.monotonic()
             elapsed = self._free_since - started
+            self._busy_rate = (self._arrived - arrived_before) / max(elapsed, 1e-6)
             n_images = sum(j.n for j in batch)
             if n_images:
                 self._per_image_s = 0.8 * self._per_image_s + 0.2 * elapsed / n_images
