@@ -6,7 +6,7 @@ batches: it waits up to ``max_delay_s`` after the oldest job arrived for the bat
 share a batch), drops jobs whose deadline passed or whose client left, and hands the batch to a
 one-thread executor, the only code that touches the device. While the device computes, the next
 batch fills. Under load (the oldest job waited for the device) a batch may also wait a little
-after the device frees up (``fill_fraction`` of a full batch's compute time), so that closed-loop
+after the device frees up (``fill_fraction`` of the last batch's compute time), so that closed-loop
 clients answered by the previous batch join the next one instead of the load splitting into two
 half-size batches that alternate; for the paper defense on CPU a batch of 32 is about 1.3x as
 efficient per image as one of 16 (docs/BENCHMARKS.md). A batch that raises is split in halves and retried, so a failure (CUDA out of
@@ -82,8 +82,7 @@ class Batcher:
         on_batch: called on the event loop after every computed batch (metrics).
         torch_threads: torch CPU threads of the device thread (0: torch's default).
         fill_fraction: under load (the oldest job waited for the device), let a batch fill for
-            up to this fraction of a full batch's measured compute time after the device frees
-            up, so that clients answered by the previous batch can join the next one (0: off).
+            up to this fraction of the last batch's compute time after the device frees up, so that clients answered by the previous batch can join the next one (0: off).
     """
 
     def __init__(
@@ -125,6 +124,7 @@ class Batcher:
         self._free_since = 0.0  # time.monotonic() when the last batch finished
         self._arrived = 0  # images submitted so far
         self._busy_rate = 0.0  # images/s that arrived while the last batch computed
+        self._last_compute_s = 0.0
         # shares the device with background audits: predict batches first, never concurrently
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
@@ -166,12 +166,12 @@ class Batcher:
         return self._queued_images
 
     def fill_wait_s(self) -> float:
-        """How long a batch may wait to fill under load: ``fill_fraction`` of a full batch's
-        estimated compute time (at most 0.25 s), so it costs at most that fraction of
-        throughput while clients that the previous batch answered come back. The loop waits only
+        """How long a batch may wait to fill under load: ``fill_fraction`` of the last batch's
+        compute time (at most 0.25 s), so the device idles at most that fraction of its busy
+        time while clients that the previous batch answered come back. The loop waits only
         when at least one arrival is expected in that time (at the rate images arrived while the
         last batch computed), so sparse traffic that meets a busy device does not pay it."""
-        return min(0.25, self.fill_fraction * self._per_image_s * self.max_batch)
+        return min(0.25, self.fill_fraction * self._last_compute_s)
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._queued_images * self._per_image_s))
@@ -280,6 +280,7 @@ class Batcher:
             self._free_since = time.monotonic()
             elapsed = self._free_since - started
             self._busy_rate = (self._arrived - arrived_before) / max(elapsed, 1e-6)
+            self._last_compute_s = elapsed
             n_images = sum(j.n for j in batch)
             if n_images:
                 self._per_image_s = 0.8 * self._per_image_s + 0.2 * elapsed / n_images

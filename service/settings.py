@@ -41,7 +41,7 @@ class ServiceSettings(BaseSettings):
     """How long the first queued request waits for others to join its batch."""
     batch_fill_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     """Under load (the oldest request waited for the device), a batch may also wait up to this
-    fraction of a full batch's measured compute time after the device frees up, so that clients
+    fraction of the last batch's compute time after the device frees up, so that clients
     answered by the previous batch join the next one (0 turns it off; capped at 0.25 s). It
     waits only when requests arrive often enough to expect company within that time."""
     queue_size: int = Field(default=512, ge=1, le=1_000_000)

@@ -79,7 +79,6 @@ def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
             queue_size=64,
             fill_fraction=fill_fraction,
         )
-        b._per_image_s = 0.4 / 4  # as measured from earlier batches (fill: 0.5 * 0.1 * 8 = 0.4 s)
         b.start()
 
         async def client(tag: float, start_s: float) -> None:
@@ -109,9 +108,8 @@ def test_sparse_requests_that_meet_a_busy_device_do_not_wait_to_fill() -> None:
             max_batch=8,
             max_delay_s=0.001,
             queue_size=64,
-            fill_fraction=0.0625,
+            fill_fraction=0.5,  # fill after a 0.5 s batch: 0.25 s
         )
-        b._per_image_s = 0.5  # fill: 0.0625 * 0.5 * 8 = 0.25 s
         b.start()
         jobs = []
         for i in range(3):
