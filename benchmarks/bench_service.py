@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--skip-bs1", action="store_true", help="skip the batch-size-1 server")
     p.add_argument(
+        "--fill-fraction",
+        type=float,
+        default=None,
+        help="DEQGUARD_BATCH_FILL_FRACTION of the batched server (default: the service's)",
+    )
+    p.add_argument(
         "--client",
         choices=["raw", "httpx"],
         default="raw",
@@ -311,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.threads:
         common["torch_threads"] = args.threads
+    if args.fill_fraction is not None:
+        common["batch_fill_fraction"] = args.fill_fraction
 
     offline = bench_offline(args.model_store, args.model, x, presets, args.batch, args.seconds)
     server = Server(args.model_store, args.model, max_batch_size=args.batch, **common)
