@@ -9,8 +9,8 @@ batch fills. Under load (the oldest job waited for the device) a batch may also 
 after the device frees up (``fill_fraction`` of the last batch's compute time), so that closed-loop
 clients answered by the previous batch join the next one instead of the load splitting into two
 half-size batches that alternate; for the paper defense on CPU a batch of 32 is about 1.3x as
-efficient per image as one of 16 (docs/BENCHMARKS.md). A batch that raises is split in halves and retried, so a failure (CUDA out of
-memory, say) ends only the requests that cause it.
+efficient per image as one of 16 (docs/BENCHMARKS.md). A batch that raises is split in halves and
+retried, so a failure (CUDA out of memory, say) ends only the requests that cause it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class Batcher:
         on_batch: called on the event loop after every computed batch (metrics).
         torch_threads: torch CPU threads of the device thread (0: torch's default).
         fill_fraction: under load (the oldest job waited for the device), let a batch fill for
-            up to this fraction of the last batch's compute time after the device frees up, so that clients answered by the previous batch can join the next one (0: off).
+            up to this fraction of the last batch's compute time after the device frees up,
+            so that clients answered by the previous batch can join the next one (0: off).
     """
 
     def __init__(

@@ -134,8 +134,7 @@ class AuditRunner:
                 raise AuditStopped()
             t0 = time.monotonic()
             waited = arbiter.background_gate(max_wait, stop)
-            if stop():
-                arbiter.background_done()
+            if stop():  # the gate returned without starting a segment
                 raise AuditStopped()
             if waited:
                 yielded.inc(time.monotonic() - t0)
