@@ -51,6 +51,8 @@ class Level:
     load: str
     mean_batch: float
     client_cpu_ms: float = float("nan")  # load generator CPU per request (this process)
+    server_cpu_ms: float = float("nan")  # server process CPU per request (all its threads)
+    device_busy: float = float("nan")  # fraction of the level's wall time spent in batches
 
     @property
     def throughput(self) -> float:
@@ -101,15 +103,24 @@ class Server:
         self.log.close()
 
 
-def _batch_stats(url: str) -> tuple[float, float]:
+def _batch_stats(url: str) -> tuple[float, float, float]:
+    """(images batched, batches, device seconds) so far, from the server's /metrics."""
     text = httpx.get(url + "/metrics").text
-    total = count = 0.0
+    total = count = busy = 0.0
     for line in text.splitlines():
         if line.startswith("deqguard_batch_size_sum"):
             total = float(line.split()[-1])
         elif line.startswith("deqguard_batch_size_count"):
             count = float(line.split()[-1])
-    return total, count
+        elif line.startswith("deqguard_inference_duration_seconds_sum"):
+            busy += float(line.split()[-1])
+    return total, count, busy
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _RawConnection:
@@ -220,12 +231,14 @@ def bench_server(
         # one short warm-up request per preset
         asyncio.run(_run_level(server.url, pngs, preset, 1, 0.0, 1, client_kind))
         for c in levels:
-            s0, n0 = _batch_stats(server.url)
+            s0, n0, b0 = _batch_stats(server.url)
+            cpu0 = _process_cpu_s(server.proc.pid)
             load0 = load_average()
             lat, errors, elapsed, cpu = asyncio.run(
                 _run_level(server.url, pngs, preset, c, seconds, c, client_kind)
             )
-            s1, n1 = _batch_stats(server.url)
+            s1, n1, b1 = _batch_stats(server.url)
+            server_cpu = _process_cpu_s(server.proc.pid) - cpu0
             level = Level(
                 preset=preset,
                 concurrency=c,
@@ -238,11 +251,14 @@ def bench_server(
                 load=f"{load0} / {load_average()}",
                 mean_batch=(s1 - s0) / max(1.0, n1 - n0),
                 client_cpu_ms=1000.0 * cpu / max(1, len(lat) + errors),
+                server_cpu_ms=1000.0 * server_cpu / max(1, len(lat) + errors),
+                device_busy=(b1 - b0) / elapsed,
             )
             print(
                 f"server batch {batch:3d} {preset:6s} c={c:4d}: {level.throughput:7.2f} img/s  "
                 f"p50 {level.p50_ms:8.1f} ms  p99 {level.p99_ms:8.1f} ms  mean batch "
-                f"{level.mean_batch:5.1f}  errors {errors}  client CPU {level.client_cpu_ms:.2f} ms/req  "
+                f"{level.mean_batch:5.1f}  device busy {level.device_busy:4.0%}  errors {errors}  "
+                f"server CPU {level.server_cpu_ms:.1f} ms/req  client CPU {level.client_cpu_ms:.2f} ms/req  "
                 f"load {level.load}",
                 flush=True,
             )
@@ -253,7 +269,7 @@ def bench_server(
 def bench_offline(
     store: Path, model: str, x: torch.Tensor, presets: list[str], batch: int, seconds: float
 ) -> dict[str, float]:
-    entry = load_entry(store, model)
+    entry = load_entry(store, model, inference=True)  # what the server runs
     steps = entry.manifest.solver.max_steps or 8
     out = {}
     for preset in presets:
@@ -349,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({'minimal keep-alive HTTP/1.1 on asyncio' if args.client == 'raw' else 'httpx'}) for "
         f"{args.seconds:.0f} s per level (at least one request per client).",
         "",
-        "| preset | clients | server batch | img/s | p50 ms | p99 ms | mean batch | errors | client CPU ms/req | vs offline | vs batch-1 server |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | clients | server batch | img/s | p50 ms | p99 ms | mean batch | device busy | errors | server CPU ms/req | client CPU ms/req | vs offline | vs batch-1 server |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     bs1 = {lv.preset: lv.throughput for lv in single}
     for lv in batched + single:
@@ -360,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append(
             f"| {lv.preset} | {lv.concurrency} | {lv.batch} | {lv.throughput:.2f} | "
-            f"{lv.p50_ms:.0f} | {lv.p99_ms:.0f} | {lv.mean_batch:.1f} | {lv.errors} | "
-            f"{lv.client_cpu_ms:.2f} | {vs_off:.2f}x | {vs_one} |"
+            f"{lv.p50_ms:.0f} | {lv.p99_ms:.0f} | {lv.mean_batch:.1f} | {lv.device_busy:.0%} | "
+            f"{lv.errors} | {lv.server_cpu_ms:.1f} | {lv.client_cpu_ms:.2f} | {vs_off:.2f}x | "
+            f"{vs_one} |"
         )
     lines += [
         "",

@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from deqguard.configs import ModelConfig, SolverConfig
+from deqguard.models.inference import prepare_for_inference
 from deqguard.models.mdeq import MDEQClassifier
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "default_store_root",
     "list_entries",
     "load_entry",
+    "manifest_stamp",
     "parse_ref",
     "read_manifest",
     "save_entry",
@@ -241,6 +243,17 @@ def _write_manifest(entry: Path, manifest: Manifest) -> None:
     _atomic_write(entry / MANIFEST, text.encode())
 
 
+def manifest_stamp(root: str | os.PathLike[str], ref: str) -> tuple[int, int, int] | None:
+    """(mtime ns, size, inode) of the manifest file ``ref`` names, or None if it cannot be
+    stat-ed: a cheap change detector for callers that cache :func:`read_manifest`'s result.
+    Writes are atomic renames, so any rewrite changes the inode."""
+    try:
+        st = (_entry_dir(root, parse_ref(ref)[0]) / MANIFEST).stat()
+    except (OSError, StoreError):
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def read_manifest(root: str | os.PathLike[str], ref: str) -> Manifest:
     """The manifest of ``name`` or ``name@version`` (the version must match)."""
     name, version = parse_ref(ref)
@@ -266,9 +279,17 @@ def read_manifest(root: str | os.PathLike[str], ref: str) -> Manifest:
 
 
 def load_entry(
-    root: str | os.PathLike[str], ref: str, device: str | torch.device = "cpu"
+    root: str | os.PathLike[str],
+    ref: str,
+    device: str | torch.device = "cpu",
+    *,
+    inference: bool = False,
 ) -> LoadedEntry:
-    """Verify and load an entry; the model comes back in eval mode on ``device``."""
+    """Verify and load an entry; the model comes back in eval mode on ``device``.
+
+    ``inference=True`` returns :func:`~deqguard.models.prepare_for_inference`'s folded, eval-only
+    copy instead (what the service runs): same outputs to float rounding, less work, no training.
+    """
     manifest = read_manifest(root, ref)
     entry = _entry_dir(root, manifest.name)
     wpath = entry / manifest.weights_file
@@ -291,6 +312,8 @@ def load_entry(
             f"model {manifest.name!r}: weights do not fit its config: {exc}"
         ) from exc
     model.eval().to(device)
+    if inference:
+        model = prepare_for_inference(model)
     return LoadedEntry(model=model, manifest=manifest, path=entry)
 
 

@@ -26,6 +26,7 @@ from deqguard.store import (
     StoreIntegrityError,
     StoreNotFoundError,
     load_entry,
+    manifest_stamp,
     read_manifest,
 )
 from service.errors import InvalidParameter, ModelLoadFailed, ModelNotFound
@@ -126,14 +127,28 @@ class ModelPool:
         self.capacity = capacity
         self.steps_override = steps
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self._manifests: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
         self._lock = threading.Lock()
         self.default_name = default_ref.partition("@")[0]
 
     def manifest(self, ref: str | None) -> Manifest:
-        """The manifest a request's ``model`` names (404 / 422 otherwise)."""
+        """The manifest a request's ``model`` names (404 / 422 otherwise).
+
+        Cached per ref and re-read only when the file changes (a stat instead of a read, a
+        JSON parse and a validation per request: that work holds the GIL the device thread
+        needs between its ops)."""
         ref = ref or self.default_ref
+        stamp = manifest_stamp(self.root, ref)
+        cached = self._manifests.get(ref)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
         try:
-            return read_manifest(self.root, ref)
+            manifest = read_manifest(self.root, ref)
+            if stamp is not None:
+                if len(self._manifests) >= 64:  # bounded: refs come from requests
+                    self._manifests.clear()
+                self._manifests[ref] = (stamp, manifest)
+            return manifest
         except StoreNotFoundError as exc:
             raise ModelNotFound(str(exc), field="model") from None
         except StoreIntegrityError as exc:
@@ -170,7 +185,7 @@ class ModelPool:
                 return served
         ref = name if version is None else f"{name}@{version}"
         try:
-            entry = load_entry(self.root, ref, device=self.device)
+            entry = load_entry(self.root, ref, device=self.device, inference=True)
         except StoreNotFoundError as exc:
             raise ModelNotFound(str(exc), field="model") from None
         except StoreError as exc:

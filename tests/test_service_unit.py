@@ -279,3 +279,25 @@ def test_not_ready_is_503_and_extra_routers_are_included(service_store: Path) ->
             assert "deqguard_rejections_total" in (await client.get("/metrics")).text
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------ model pool
+def test_manifest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
+    from deqguard.store import update_metrics
+    from service.errors import ModelNotFound
+    from service.runtime import ModelPool
+    from tests.conftest import TEST_MODEL, build_test_store
+
+    build_test_store(tmp_path)
+    pool = ModelPool(tmp_path, TEST_MODEL, torch.device("cpu"))
+    first = pool.manifest(None)
+    assert pool.manifest(TEST_MODEL) is pool.manifest(TEST_MODEL)  # no re-read per request
+    assert pool.manifest(None) is first
+    update_metrics(tmp_path, TEST_MODEL, {"clean_acc": 0.5})
+    fresh = pool.manifest(None)
+    assert fresh is not first and fresh.metrics["clean_acc"] == 0.5
+    with pytest.raises(ModelNotFound):
+        pool.manifest(f"{TEST_MODEL}@999")  # a version check is never served from the cache
+    (tmp_path / TEST_MODEL / "manifest.json").unlink()
+    with pytest.raises(ModelNotFound):
+        pool.manifest(None)

@@ -312,7 +312,7 @@ def _load_and_warm(ctx: ServiceContext, ref: str) -> tuple[Any, float, float]:
     from service.runtime import ServedModel, _steps_for, run_batch
 
     t0 = time.perf_counter()
-    entry = load_entry(ctx.settings.model_store, ref, device=ctx.device)
+    entry = load_entry(ctx.settings.model_store, ref, device=ctx.device, inference=True)
     solver, steps = _steps_for(entry.manifest, ctx.settings.solver_steps)
     served = ServedModel(entry, solver, steps, time.time())
     t1 = time.perf_counter()
