@@ -163,6 +163,25 @@ def test_retarget_continues_towards_the_new_fixed_point():
     torch.testing.assert_close(state.best_z, direct, atol=1e-8, rtol=1e-8)
 
 
+def test_broyden_retarget_forgets_exactly_the_retargeted_rows():
+    """A retargeted row continues as a fresh solve from its iterate would; the other rows are
+    untouched. Both reset paths: every row (the slot count restarts) and some rows (zeroed)."""
+    a, b1 = linear_contraction(batch=4, dim=16, scale=0.6, seed=2)
+    b2 = b1 + 0.5
+    cfg = SolverConfig(name="broyden", max_steps=40, tol=0.0, memory=4)
+    for which in (torch.ones(4, dtype=torch.bool), torch.tensor([True, False, True, False])):
+        solver = make_solver(cfg)
+        b_new = torch.where(which[:, None], b2, b1)
+        state = solver.advance(_linear_fn(a, b1), solver.init(_linear_fn(a, b1), b1 * 0), 6)
+        twin = solver.advance(_linear_fn(a, b1), solver.init(_linear_fn(a, b1), b1 * 0), 6)
+        state = solver.retarget(_linear_fn(a, b_new), state, which=which)
+        state = solver.advance(_linear_fn(a, b_new), state, 7)
+        fresh = solver.advance(_linear_fn(a, b2), solver.init(_linear_fn(a, b2), twin.z), 7)
+        kept = solver.advance(_linear_fn(a, b1), twin, 7)
+        torch.testing.assert_close(state.z[which], fresh.z[which], atol=1e-12, rtol=0)
+        torch.testing.assert_close(state.z[~which], kept.z[~which], atol=1e-12, rtol=0)
+
+
 def test_flat_state_is_required():
     with pytest.raises(ValueError, match="flat"):
         make_solver().init(lambda z, i: z, torch.zeros(2, 3, 4))

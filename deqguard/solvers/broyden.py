@@ -63,15 +63,24 @@ class BroydenSolver(FixedPointSolver):
         denom = (vt * dg).sum(dim=1, keepdim=True)
         u = (dz - _matvec(us, vts, dg)) / denom
         ok = (denom.abs() > 1e-30) & torch.isfinite(denom) & moved[:, None]
-        u = torch.where(ok, u, torch.zeros_like(u))
-        vt = torch.where(ok, vt, torch.zeros_like(vt))
+        if not bool(ok.all()):  # usually every row updates: skip two passes over [B, D]
+            u = torch.where(ok, u, torch.zeros_like(u))
+            vt = torch.where(ok, vt, torch.zeros_like(vt))
         slot = mem["count"] % self.config.memory
         mem["us"][:, slot] = u  # in place: memory tensors are never shared outside the state
         mem["vts"][:, slot] = vt
         mem["count"] += 1
 
     def _reset_memory(self, state: SolverState, which: Tensor) -> None:
+        """Forget rows ``which``. When that is every row, restarting the slot count is enough
+        (only the first ``count`` slots are ever read); otherwise the rows' pairs are zeroed
+        in place (a zero pair adds nothing to B), touching those rows only: the buffers are
+        [B, memory, D], far larger than the state."""
         mem = state.memory
-        keep = (~which)[:, None, None].to(mem["us"].dtype)
-        mem["us"] = mem["us"] * keep
-        mem["vts"] = mem["vts"] * keep
+        if bool(which.all()):
+            mem["count"] = 0
+            return
+        rows = which.nonzero().squeeze(1)
+        if rows.numel():
+            mem["us"][rows] = 0.0
+            mem["vts"][rows] = 0.0
