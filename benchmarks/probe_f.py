@@ -3,6 +3,7 @@
     python benchmarks/probe_f.py compile   # micro-trades-ri's f, batch 64, 2 threads: eager vs torch.compile
     python benchmarks/probe_f.py profile   # tiny's f (random weights), batch 64, 1 thread: op breakdown
     python benchmarks/probe_f.py batch     # micro-trades-ri served path, batch 16 vs 32, off and paper
+    python benchmarks/probe_f.py head      # head over 8 states x 32 rows: one call vs row chunks
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
@@ -89,7 +90,32 @@ def batch_probe() -> None:
             print(preset, b, round(n / (time.perf_counter() - t), 1), "img/s", flush=True)
 
 
+def _head_times(model: torch.nn.Module, states: torch.Tensor, kind: str) -> None:
+    print(kind, "one call, 256 rows ms", round(_ms(lambda: model.head(states), 10), 1))
+    for rows in (32, 64, 128):
+        chunks = states.split(rows)
+        ms = _ms(lambda chunks=chunks: [model.head(c) for c in chunks], 10)
+        print(kind, f"chunks of {rows} rows ms", round(ms, 1), flush=True)
+
+
+def head_probe() -> None:
+    from deqguard.data import load_test
+    from deqguard.store import load_entry
+
+    torch.set_num_threads(2)
+    x = load_test(n=32).float_images("cpu")
+    for inference in (False, True):
+        model = load_entry("model_store", "micro-trades-ri", "cpu", inference=inference).model
+        with torch.no_grad(), cached_weights(model):
+            inj = model.inject(x)
+            z = model.zero_state(32, x.device, x.dtype)
+            for _ in range(4):
+                z = model.cell(z, inj)
+            states = torch.cat([z] * 8)  # what head_on_states sees for N = 8, batch 32
+            _head_times(model, states, "folded" if inference else "as saved")
+
+
 if __name__ == "__main__":
-    {"compile": compile_probe, "profile": profile_probe, "batch": batch_probe}[
+    {"compile": compile_probe, "profile": profile_probe, "batch": batch_probe, "head": head_probe}[
         sys.argv[1] if len(sys.argv) > 1 else "profile"
     ]()

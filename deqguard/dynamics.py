@@ -69,10 +69,11 @@ def cached_weights(model: nn.Module) -> Iterator[None]:
         yield
 
 
-HEAD_CHUNK_ROWS = 64
-"""Eval-mode head calls over many states run in chunks of this many rows: the head's widest
-activation (e.g. [T*B, 384, 8, 8]) then stays in cache, which measured 1.2-1.4x faster on CPU
-than one call over all T*B rows (``benchmarks/probe_f.py head``)."""
+HEAD_CHUNK_ROWS = 128
+"""Eval-mode head calls over many states run in chunks of at most this many rows, which bounds
+the head's peak activation memory (its widest map is [rows, 384, 8, 8] on ``micro``) whatever
+the batch. On this project's 2-core CPU, 8 states x 32 rows took 65-66 ms in chunks of 128
+against 61-95 ms in one call (``python benchmarks/probe_f.py head``, three runs)."""
 
 
 def head_on_states(model: MDEQClassifier, states: Tensor) -> Tensor:

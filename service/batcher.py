@@ -8,8 +8,8 @@ one-thread executor, the only code that touches the device. While the device com
 batch fills. Under load (the oldest job waited for the device) a batch may also wait a little
 after the device frees up (``fill_fraction`` of the last batch's compute time), so that closed-loop
 clients answered by the previous batch join the next one instead of the load splitting into two
-half-size batches that alternate; for the paper defense on CPU a batch of 32 is about 1.3x as
-efficient per image as one of 16 (docs/BENCHMARKS.md). A batch that raises is split in halves and
+half-size batches that alternate; on this project's 2-core CPU a batch of 32 is about 1.15x as
+efficient per image as one of 16, for both presets (docs/BENCHMARKS.md, service notes). A batch that raises is split in halves and
 retried, so a failure (CUDA out of memory, say) ends only the requests that cause it.
 """
 
