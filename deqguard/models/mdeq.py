@@ -10,8 +10,9 @@ compose them freely:
 The flat state concatenates the branches' feature maps (finest first), each [B, C_i, H_i, W_i]
 flattened in channels-last order (H, W, C); ``model.unflatten`` / ``model.flatten`` convert.
 Channels-last because the unflattened views are then channels-last tensors without a copy, and
-oneDNN's convolutions run 1.2-2.5x faster in that layout on CPU than in NCHW (measured in
-docs/BENCHMARKS.md); cuDNN prefers it too. Nothing outside this module depends on the order.
+oneDNN's convolutions ran 1.2-2.6x faster in that layout on CPU than in NCHW at batch 16-32
+(docs/BENCHMARKS.md, service notes); cuDNN prefers it too. Nothing outside this module depends
+on the order.
 """
 
 from __future__ import annotations
