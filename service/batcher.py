@@ -5,12 +5,14 @@ batches: it waits up to ``max_delay_s`` after the oldest job arrived for the bat
 ``max_batch`` images, takes jobs of the same model in arrival order (different defense settings
 share a batch), drops jobs whose deadline passed or whose client left, and hands the batch to a
 one-thread executor, the only code that touches the device. While the device computes, the next
-batch fills. Under load (the oldest job waited for the device) a batch may also wait a little
-after the device frees up (``fill_fraction`` of the last batch's compute time), so that closed-loop
-clients answered by the previous batch join the next one instead of the load splitting into two
-half-size batches that alternate; on this project's 2-core CPU a batch of 32 is about 1.15x as
-efficient per image as one of 16, for both presets (docs/BENCHMARKS.md, service notes). A batch that raises is split in halves and
-retried, so a failure (CUDA out of memory, say) ends only the requests that cause it.
+batch fills. When the device has just freed up and requests arrive often enough, a batch may also
+wait a little for more (``fill_fraction`` of the last batch's compute time, ended early by a
+pause in arrivals), so that closed-loop clients answered by the previous batch join the next one
+instead of the load splitting into a small batch and a large one, or two alternating halves; on
+this project's 2-core CPU a batch of 32 is about 1.15x as efficient per image as one of 16 for
+both presets, and with filling 32 `paper` clients get full batches (docs/BENCHMARKS.md, service
+notes). A batch that raises is split in halves and retried, so a failure (CUDA out of memory,
+say) ends only the requests that cause it.
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ class Batcher:
         queue_size: most images queued (not yet computing); beyond it, :class:`QueueFull`.
         on_batch: called on the event loop after every computed batch (metrics).
         torch_threads: torch CPU threads of the device thread (0: torch's default).
-        fill_fraction: under load (the oldest job waited for the device), let a batch fill for
-            up to this fraction of the last batch's compute time after the device frees up,
-            so that clients answered by the previous batch can join the next one (0: off).
+        fill_fraction: right after the device frees up, when requests arrive often enough to
+            expect company, let a batch fill for up to this fraction of the last batch's compute
+            time, so that clients answered by the previous batch can join the next one (0: off).
+        fill_gap_s: ...ending the wait early once requests that arrived after the device freed
+            up pause for this long (the answered clients come back in a burst).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Batcher:
         on_failure: Callable[[], None] | None = None,
         torch_threads: int = 0,
         fill_fraction: float = 0.0,
+        fill_gap_s: float = 0.004,
     ) -> None:
         self.runner = runner
         self.max_batch = max_batch
@@ -122,9 +127,14 @@ class Batcher:
         self._per_image_s = 0.05  # running estimate of device seconds per image (Retry-After)
         self.busy = False
         self.fill_fraction = fill_fraction
+        self.fill_gap_s = fill_gap_s
         self._free_since = 0.0  # time.monotonic() when the last batch finished
         self._arrived = 0  # images submitted so far
         self._busy_rate = 0.0  # images/s that arrived while the last batch computed
+        self._rate = 0.0  # smoothed arrival rate, images/s, measured between batch starts
+        self._last_start = 0.0
+        self._arrived_at_last_start = 0
+        self._last_arrival = 0.0  # time.monotonic() of the newest submit
         self._last_compute_s = 0.0
         # shares the device with background audits: predict batches first, never concurrently
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
@@ -167,11 +177,12 @@ class Batcher:
         return self._queued_images
 
     def fill_wait_s(self) -> float:
-        """How long a batch may wait to fill under load: ``fill_fraction`` of the last batch's
-        compute time (at most 0.25 s), so the device idles at most that fraction of its busy
-        time while clients that the previous batch answered come back. The loop waits only
-        when at least one arrival is expected in that time (at the rate images arrived while the
-        last batch computed), so sparse traffic that meets a busy device does not pay it."""
+        """How long a batch may wait to fill after the device frees up: ``fill_fraction`` of
+        the last batch's compute time (at most 0.25 s), so the device idles at most that
+        fraction of its busy time while clients that the previous batch answered come back. The
+        loop waits only when at least one arrival is expected in that time (at the larger of
+        the rate images arrived while the last batch computed and the smoothed rate between
+        batch starts), so sparse traffic never pays it."""
         return min(0.25, self.fill_fraction * self._last_compute_s)
 
     def retry_after_s(self) -> int:
@@ -190,6 +201,7 @@ class Batcher:
         self._pending.append(job)
         self._queued_images += job.n
         self._arrived += job.n
+        self._last_arrival = time.monotonic()
         self._on_depth(self._queued_images)
         self._wake.set()
 
@@ -248,12 +260,23 @@ class Batcher:
                 await self._wake.wait()
             first = self._pending[0]
             until = first.enqueued + self.max_delay_s
-            if first.enqueued < self._free_since:  # it waited for the device: load is high
-                fill = self.fill_wait_s()
-                if self._busy_rate * fill >= 1.0:  # company is expected within the fill time
-                    until = max(until, self._free_since + fill)
+            fill_until = 0.0
+            fill = self.fill_wait_s()
+            # the device just freed up and requests arrive often enough to expect company
+            # within the fill time: let the batch fill (the clients the last batch answered
+            # come back after the event loop has written all their responses)
+            rate = max(self._busy_rate, self._rate)
+            if time.monotonic() - self._free_since < fill and rate * fill >= 1.0:
+                fill_until = self._free_since + fill
             while self._pending and self._images_for(self._pending[0].model) < self.max_batch:
-                left = until - time.monotonic()
+                # filling ends at its cap, or once arrivals that began after the device freed
+                # up pause for fill_gap_s
+                gap_end = (
+                    self._last_arrival + self.fill_gap_s
+                    if self._last_arrival > self._free_since
+                    else fill_until
+                )
+                left = max(until, min(fill_until, gap_end)) - time.monotonic()
                 if left <= 0:
                     break
                 self._wake.clear()
@@ -268,6 +291,12 @@ class Batcher:
                 continue
             started = time.monotonic()
             arrived_before = self._arrived
+            if self._last_start:
+                inst = (self._arrived - self._arrived_at_last_start) / max(
+                    started - self._last_start, 1e-6
+                )
+                self._rate = 0.7 * self._rate + 0.3 * inst
+            self._last_start, self._arrived_at_last_start = started, self._arrived
             self.busy = True
             try:
                 results = await loop.run_in_executor(

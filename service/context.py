@@ -56,6 +56,7 @@ class ServiceContext:
             on_failure=self.metrics.batch_failures.inc,
             torch_threads=settings.torch_threads,
             fill_fraction=settings.batch_fill_fraction,
+            fill_gap_s=settings.batch_fill_gap_ms / 1000.0,
         )
         self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deqguard-decode")
         self.loaded = False

@@ -39,11 +39,15 @@ class ServiceSettings(BaseSettings):
     """Most images one device batch holds."""
     max_batch_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
     """How long the first queued request waits for others to join its batch."""
-    batch_fill_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    """Under load (the oldest request waited for the device), a batch may also wait up to this
-    fraction of the last batch's compute time after the device frees up, so that clients
-    answered by the previous batch join the next one (0 turns it off; capped at 0.25 s). It
-    waits only when requests arrive often enough to expect company within that time."""
+    batch_fill_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    """When the device has just finished a batch and requests arrive often enough to expect
+    company, the next batch may wait up to this fraction of the last batch's compute time
+    (capped at 0.25 s) for more requests, so that the clients the last batch answered join it
+    instead of the load splitting into small and half batches (0 turns it off). Sparse traffic
+    never waits: the arrival rate must predict at least one request within that time."""
+    batch_fill_gap_ms: float = Field(default=4.0, ge=0.0, le=1_000.0)
+    """A filling batch stops waiting once requests that arrived after the device freed up
+    pause for this long: the answered clients come back in a burst."""
     queue_size: int = Field(default=512, ge=1, le=1_000_000)
     """Most images waiting for the device; more gets 429."""
     default_deadline_ms: float = Field(default=30_000.0, gt=0.0, le=3_600_000.0)

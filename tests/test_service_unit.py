@@ -96,6 +96,43 @@ def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("fill_fraction", "full_batches"), [(0.0, (0, 1)), (0.5, (3, 4))])
+def test_after_a_full_batch_the_next_waits_for_the_clients_it_answered(
+    fill_fraction: float, full_batches: tuple[int, int]
+) -> None:
+    """Closed loop, 8 clients, batches of up to 8, nobody queued while a batch computes: the
+    answered clients come back spread over 30 ms (the event loop answers them one by one).
+    Without filling, the first to return starts a small batch and the load splits; with it
+    (once the arrival rate is known), each batch waits for all eight."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[int] = []
+        b = Batcher(
+            _tag_runner(calls, delay=0.3),
+            max_batch=8,
+            max_delay_s=0.001,
+            queue_size=64,
+            fill_fraction=fill_fraction,
+            fill_gap_s=0.02,
+        )
+        b.start()
+
+        async def client(i: int) -> None:
+            for _ in range(5):
+                job = _job(loop, float(i))
+                b.submit(job)
+                await job.future
+                await asyncio.sleep(0.002 + 0.004 * i)  # staggered returns
+
+        await asyncio.gather(*(client(i) for i in range(8)))
+        await b.stop()
+        full = calls[2:].count(8)  # from the third batch on, the rate estimate exists
+        assert full_batches[0] <= full <= full_batches[1], calls
+
+    asyncio.run(main())
+
+
 def test_sparse_requests_that_meet_a_busy_device_do_not_wait_to_fill() -> None:
     """One request every 0.4 s, each computing 0.5 s: a request that arrives while the device is
     busy starts as soon as it frees up, because no company is expected within the 0.25 s fill."""
