@@ -64,7 +64,13 @@ def resolve_solver(solver: SolverConfig | FixedPointSolver | None) -> FixedPoint
 
 @contextmanager
 def cached_weights(model: nn.Module) -> Iterator[None]:
-    """Compute weight-normed weights once for the whole solve instead of at every f call."""
+    """Compute weight-normed weights once for the whole solve instead of at every f call.
+
+    A model without parametrizations (``prepare_for_inference``'s) skips it: the cache is
+    process-global state, better left alone by threads that have nothing to cache."""
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        yield
+        return
     with parametrize.cached():
         yield
 

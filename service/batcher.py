@@ -82,7 +82,10 @@ class Batcher:
         max_delay_s: how long the oldest job waits for company.
         queue_size: most images queued (not yet computing); beyond it, :class:`QueueFull`.
         on_batch: called on the event loop after every computed batch (metrics).
-        torch_threads: torch CPU threads of the device thread (0: torch's default).
+        torch_threads: torch CPU threads of each device thread (0: torch's default).
+        workers: device threads that compute batches at the same time (CPU only; on CUDA one
+            thread owns the device). On a small CPU, two one-thread workers beat one two-thread
+            worker: no OpenMP barrier waits, and HTTP work on a core stalls one batch, not both.
         fill_fraction: right after the device frees up, when requests arrive often enough to
             expect company, let a batch fill for up to this fraction of the last batch's compute
             time, so that clients answered by the previous batch can join the next one (0: off).
@@ -103,6 +106,7 @@ class Batcher:
         torch_threads: int = 0,
         fill_fraction: float = 0.0,
         fill_gap_s: float = 0.004,
+        workers: int = 1,
     ) -> None:
         self.runner = runner
         self.max_batch = max_batch
@@ -110,9 +114,10 @@ class Batcher:
         self.queue_size = queue_size
         # The device thread fixes its own torch thread count when it starts (torch keeps one per
         # thread once a thread has used it), so other threads' settings never change it.
-        self.torch_threads = torch_threads or torch.get_num_threads()
+        self.torch_threads = torch_threads or max(1, torch.get_num_threads() // max(1, workers))
+        self.workers = max(1, workers)
         self.executor = ThreadPoolExecutor(
-            max_workers=1,
+            max_workers=self.workers,
             thread_name_prefix="deqguard-device",
             initializer=torch.set_num_threads,
             initargs=(self.torch_threads,),
@@ -125,7 +130,8 @@ class Batcher:
         self._on_depth = on_depth or (lambda depth: None)
         self._on_failure = on_failure or (lambda: None)
         self._per_image_s = 0.05  # running estimate of device seconds per image (Retry-After)
-        self.busy = False
+        self._slots: asyncio.Semaphore | None = None  # free device threads
+        self._running: set[asyncio.Task[None]] = set()
         self.fill_fraction = fill_fraction
         self.fill_gap_s = fill_gap_s
         self._free_since = 0.0  # time.monotonic() when the last batch finished
@@ -140,8 +146,14 @@ class Batcher:
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def busy(self) -> bool:
+        """Whether any batch is computing."""
+        return bool(self._running)
+
     def start(self) -> None:
         self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="deqguard-batcher")
 
     async def stop(self) -> None:
@@ -153,6 +165,8 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._running:  # batches already on the device finish and answer their requests
+            await asyncio.gather(*self._running, return_exceptions=True)
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
@@ -252,8 +266,19 @@ class Batcher:
         return model, batch
 
     async def _loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
+        assert self._wake is not None and self._slots is not None
+        while True:
+            await self._slots.acquire()  # a device thread is free
+            try:
+                await self._form_and_dispatch()
+            except BaseException:
+                self._slots.release()
+                raise
+
+    async def _form_and_dispatch(self) -> None:
+        """Wait for jobs, form one batch and start it on a free device thread (which the
+        caller holds; the batch's task gives it back)."""
+        assert self._wake is not None and self._slots is not None
         while True:
             while not self._pending:
                 self._wake.clear()
@@ -290,14 +315,22 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            arrived_before = self._arrived
             if self._last_start:
                 inst = (self._arrived - self._arrived_at_last_start) / max(
                     started - self._last_start, 1e-6
                 )
                 self._rate = 0.7 * self._rate + 0.3 * inst
             self._last_start, self._arrived_at_last_start = started, self._arrived
-            self.busy = True
+            task = asyncio.get_running_loop().create_task(self._run(model, batch, started))
+            self._running.add(task)
+            return
+
+    async def _run(self, model: str, batch: list[Job], started: float) -> None:
+        """Compute one batch on a device thread and answer its jobs; frees the thread."""
+        assert self._slots is not None
+        loop = asyncio.get_running_loop()
+        arrived_before = self._arrived
+        try:
             try:
                 results = await loop.run_in_executor(
                     self.executor, self._exclusive, self._compute, model, batch
@@ -305,15 +338,15 @@ class Batcher:
             except Exception as exc:  # the device thread itself failed: fail this batch only
                 log.exception("device worker call failed")
                 results = [exc] * len(batch)
-            finally:
-                self.busy = False
             self._free_since = time.monotonic()
             elapsed = self._free_since - started
             self._busy_rate = (self._arrived - arrived_before) / max(elapsed, 1e-6)
             self._last_compute_s = elapsed
             n_images = sum(j.n for j in batch)
             if n_images:
-                self._per_image_s = 0.8 * self._per_image_s + 0.2 * elapsed / n_images
+                self._per_image_s = (
+                    0.8 * self._per_image_s + 0.2 * elapsed / n_images / self.workers
+                )
             for job, res in zip(batch, results):
                 if job.future.done():
                     continue
@@ -332,6 +365,9 @@ class Batcher:
                     )
             if self._on_batch is not None:
                 self._on_batch(model, batch, elapsed, results)
+        finally:
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._slots.release()
 
     # ------------------------------------------------------------------ device thread
     def _compute(self, model: str, batch: list[Job]) -> list[Any]:

@@ -55,6 +55,7 @@ class ServiceContext:
             on_depth=self.metrics.queue_depth.set,
             on_failure=self.metrics.batch_failures.inc,
             torch_threads=settings.torch_threads,
+            workers=settings.device_workers if self.device.type == "cpu" else 1,
             fill_fraction=settings.batch_fill_fraction,
             fill_gap_s=settings.batch_fill_gap_ms / 1000.0,
         )

@@ -33,7 +33,12 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     torch_threads: int = Field(default=0, ge=0, le=256)
-    """CPU threads for torch in the worker (0 keeps torch's default)."""
+    """CPU threads for torch in each device worker (0: torch's default divided among them)."""
+    device_workers: int = Field(default=1, ge=1, le=64)
+    """Device threads that compute batches at the same time, on CPU only (CUDA always uses one).
+    A throughput setting for saturated CPUs: on a 2-core CPU, two one-thread workers computed
+    16-23% more images per second than one two-thread worker, but each batch runs on one core,
+    so light traffic waits about twice as long (docs/BENCHMARKS.md, service notes)."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Most images one device batch holds."""

@@ -338,3 +338,43 @@ def test_manifest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
     (tmp_path / TEST_MODEL / "manifest.json").unlink()
     with pytest.raises(ModelNotFound):
         pool.manifest(None)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_device_workers_compute_batches_side_by_side(workers: int) -> None:
+    """Batches of one image each, 0.3 s of compute: one worker runs them one after another,
+    two workers two at a time; every job gets its own answer, and stop() lets running batches
+    finish and answer."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        spans: list[tuple[float, float]] = []
+
+        def run(model: str, images: torch.Tensor, params: list) -> tuple[list[float], str]:
+            t0 = time.monotonic()
+            time.sleep(0.3)
+            spans.append((t0, time.monotonic()))
+            return images[:, 0, 0, 0].tolist(), "served"
+
+        b = Batcher(run, max_batch=1, max_delay_s=0.0, queue_size=64, workers=workers)
+        assert b.torch_threads >= 1
+        b.start()
+        jobs = [_job(loop, float(i)) for i in range(4)]
+        for j in jobs:
+            b.submit(j)
+        done = await asyncio.gather(*(j.future for j in jobs[:2]))
+        assert [r.outputs[0] for r in done] == [0.0, 1.0]
+        await b.stop()  # the batches already running still answer
+        finished = [j for j in jobs if j.future.done() and not j.future.exception()]
+        overlaps = sum(
+            1 for i, a in enumerate(spans) for c in spans[i + 1 :] if c[0] < a[1] and a[0] < c[1]
+        )
+        if workers == 1:
+            assert overlaps == 0
+        else:
+            assert overlaps >= 1
+        assert len(finished) >= 2 and all(
+            j.future.result().outputs[0] == float(jobs.index(j)) for j in finished
+        )
+
+    asyncio.run(main())
