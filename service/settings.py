@@ -37,8 +37,9 @@ class ServiceSettings(BaseSettings):
     device_workers: int = Field(default=1, ge=1, le=64)
     """Device threads that compute batches at the same time, on CPU only (CUDA always uses one).
     A throughput setting for saturated CPUs: on a 2-core CPU, two one-thread workers computed
-    16-23% more images per second than one two-thread worker, but each batch runs on one core,
-    so light traffic waits about twice as long (docs/BENCHMARKS.md, service notes)."""
+    16-23% more images per second than one two-thread worker, but each batch runs on one core:
+    with 8 clients (one batch at a time) the service served 20-30% fewer images per second, with
+    one client about the same (docs/BENCHMARKS.md, service notes)."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Most images one device batch holds."""
