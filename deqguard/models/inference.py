@@ -60,7 +60,7 @@ def _refuse_training(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def prepare_for_inference(model: MDEQClassifier) -> MDEQClassifier:
-    """A folded, eval-only deep copy of ``model`` on the same device (the original is untouched)."""
+    """A folded, eval-only copy of ``model`` on the same device (the original is untouched)."""
     # A fresh module, not copy.deepcopy: a deep copy shares weight_norm's generated class with
     # the original, and removing the parametrization from the copy deletes it from both.
     folded = MDEQClassifier(model.config)
