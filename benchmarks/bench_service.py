@@ -53,7 +53,7 @@ class Level:
     mean_batch: float
     client_cpu_ms: float = float("nan")  # load generator CPU per request (this process)
     server_cpu_ms: float = float("nan")  # server process CPU per request (all its threads)
-    device_busy: float = float("nan")  # fraction of the level's wall time spent in batches
+    device_busy: float = float("nan")  # batch seconds / wall seconds (over 1 with several workers)
 
     @property
     def throughput(self) -> float:

@@ -146,11 +146,6 @@ class Batcher:
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def busy(self) -> bool:
-        """Whether any batch is computing."""
-        return bool(self._running)
-
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.workers)
