@@ -19,6 +19,7 @@ from fastapi import Request
 
 from service.batcher import Batcher, Job, JobResult
 from service.errors import DeadlineExceeded, NotReady
+from service.hold import wait_while_held
 from service.metrics import ServiceMetrics
 from service.runtime import ImageOutput, ModelPool, ServedModel, resolve_device, run_batch
 from service.settings import ServiceSettings
@@ -156,6 +157,7 @@ class ServiceContext:
         self, model: str, images: torch.Tensor, params: Sequence[Any]
     ) -> tuple[list[ImageOutput], ServedModel]:
         """Device thread: look up (maybe load) the model and run one batch."""
+        wait_while_held(self.settings.device_hold_file)
         before = self.pool.peek(model)
         served = self.pool.get(model)
         if before is not served and self.loop is not None:

@@ -78,6 +78,11 @@ class ServiceSettings(BaseSettings):
     warmup_batch_sizes: tuple[int, ...] = (1,)
     """Batch sizes run once at start before /readyz turns ready."""
 
+    device_hold_file: Path | None = None
+    """While this file exists, no predict batch or audit segment starts on the device (the one
+    that is computing finishes): for maintenance drills and for tests, which decide exactly when
+    compute may proceed. Unset (the default): never held."""
+
     drain_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0)
     """After SIGTERM: how long in-flight work may take to finish."""
     drain_delay_s: float = Field(default=0.0, ge=0.0, le=600.0)

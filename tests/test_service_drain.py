@@ -17,10 +17,21 @@ from tests.conftest import LiveServer, http, service_command, service_env
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
+def test_sigterm_drains_in_flight_work(service_store: Path, tmp_path: Path) -> None:
+    """Three images in flight (one held on the device, two queued: the test holds the device,
+    so they are still in flight at SIGTERM whatever the machine's speed); after SIGTERM the
+    server is unready and refuses new work, then answers all three once released, and exits 0."""
+    hold = tmp_path / "hold"
+    hold.touch()
     server = LiveServer(
         service_command(),
-        env=service_env(service_store, max_batch_size=1, drain_delay_s=1.5, drain_grace_s=1800),
+        env=service_env(
+            service_store,
+            max_batch_size=1,
+            drain_delay_s=1.5,
+            drain_grace_s=1800,
+            device_hold_file=hold,
+        ),
     ).start()
     try:
         url = server.url
@@ -29,7 +40,7 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
 
         def call(png: bytes) -> None:
             r = http.post(
-                url + "/v1/predict?preset=strong",  # heavy: still in flight when polled
+                url + "/v1/predict",
                 content=png,
                 headers={"Content-Type": "image/png"},
             )
@@ -40,17 +51,21 @@ def test_sigterm_drains_in_flight_work(service_store: Path) -> None:
             t.start()
         deadline = time.monotonic() + 300
         while http.get(url + "/readyz").json()["in_flight"] < 3:
-            assert not results, "work finished before SIGTERM could be sent; use heavier work"
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "requests did not arrive"  # hang guard
             time.sleep(0.05)
+        assert not results  # held: nothing can have finished
 
         server.signal(signal.SIGTERM)
-        time.sleep(0.3)
+        while http.get(url + "/readyz").status_code != 503:  # the signal is handled async
+            assert time.monotonic() < deadline, "SIGTERM not handled"
+            time.sleep(0.05)
         ready = http.get(url + "/readyz")
         assert ready.status_code == 503 and ready.json()["draining"] is True
         assert http.get(url + "/v2/health/ready").status_code == 503
         new = http.post(url + "/v1/predict", content=pngs[0], headers={"Content-Type": "image/png"})
         assert new.status_code == 503 and new.json()["error"]["reason"] == "draining"
+        assert not results  # still held
+        hold.unlink()  # release the device: the drain lets in-flight work finish
 
         for t in threads:
             t.join(timeout=1800)

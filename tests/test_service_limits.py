@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +20,14 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def tight_server(service_store: Path) -> Iterator[LiveServer]:
+def hold_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """While this file exists the server starts no device work (DEQGUARD_DEVICE_HOLD_FILE):
+    the test, not the machine's speed, decides when compute proceeds."""
+    return tmp_path_factory.mktemp("hold") / "hold"
+
+
+@pytest.fixture(scope="module")
+def tight_server(service_store: Path, hold_file: Path) -> Iterator[LiveServer]:
     server = LiveServer(
         service_command(),
         env=service_env(
@@ -30,10 +37,12 @@ def tight_server(service_store: Path) -> Iterator[LiveServer]:
             queue_size=2,
             max_images_per_request=4,
             default_preset="off",
+            device_hold_file=hold_file,
         ),
     )
     server.start()
     yield server
+    hold_file.unlink(missing_ok=True)
     server.stop()
 
 
@@ -56,40 +65,68 @@ def _post(client: httpx.AsyncClient, url: str, png: bytes, **params: object):
     )
 
 
-def _blocker(client: httpx.AsyncClient, url: str, pngs: list[bytes]):
-    """A request that keeps the device busy for a while: two images, preset strong (140 input
-    gradient steps each), run one after the other (batch size 1)."""
-    files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs[:2])]
-    return client.post(url + "/v1/predict", files=files, params={"preset": "strong"})
+async def _until(check: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
+    """Poll ``check`` (a hang guard only: the condition is reached whatever the speed)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
-def _wait_idle(url: str, timeout: float = 120.0) -> None:
+def _readyz(url: str) -> dict[str, int]:
+    return http.get(url + "/readyz").json()
+
+
+async def _hold_with_blocker(
+    client: httpx.AsyncClient, url: str, png: bytes, hold_file: Path
+) -> asyncio.Task[httpx.Response]:
+    """Hold the device, then send one image that takes it: returns once that image's batch
+    has left the queue (it waits, held, on the device) and the queue is empty."""
+    hold_file.touch()
+    blocker = asyncio.create_task(_post(client, url, png))
+    await _until(
+        lambda: _readyz(url)["in_flight"] == 1 and _readyz(url)["queue_depth"] == 0,
+        "the blocker to reach the held device",
+    )
+    return blocker
+
+
+def _wait_idle(url: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = http.get(url + "/readyz").json()
+        r = _readyz(url)
         if r["in_flight"] == 0 and r["queue_depth"] == 0:
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError("server did not go idle")
 
 
-def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list[bytes]) -> None:
+def test_queue_full_is_429_with_retry_after(
+    tight_server: LiveServer, pngs: list[bytes], hold_file: Path
+) -> None:
+    """One image held on the device, two fill the queue (size 2): every further one is 429."""
     url = tight_server.url
     before = _counter(url, "deqguard_rejections_total", reason="queue_full")
 
-    async def burst() -> list[httpx.Response]:
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(timeout=600) as client:
-            return await asyncio.gather(*(_post(client, url, p, preset="fast") for p in pngs))
+            blocker = await _hold_with_blocker(client, url, pngs[0], hold_file)
+            queued = [asyncio.create_task(_post(client, url, p)) for p in pngs[1:3]]
+            await _until(lambda: _readyz(url)["queue_depth"] == 2, "two queued images")
+            rejected = await asyncio.gather(*(_post(client, url, p) for p in pngs[3:6]))
+            hold_file.unlink()
+            served = await asyncio.gather(blocker, *queued)
+            return list(served), list(rejected)
 
-    responses = asyncio.run(burst())
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 429}, codes
-    rejected = [r for r in responses if r.status_code == 429]
+    served, rejected = asyncio.run(run())
+    assert [r.status_code for r in served] == [200, 200, 200]
+    assert [r.status_code for r in rejected] == [429, 429, 429]
     for r in rejected:
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["reason"] == "queue_full"
     after = _counter(url, "deqguard_rejections_total", reason="queue_full")
-    assert after - before == len(rejected)
+    assert after - before == 3
     _wait_idle(url)
     assert (
         http.post(
@@ -99,22 +136,30 @@ def test_queue_full_is_429_with_retry_after(tight_server: LiveServer, pngs: list
     )
 
 
-def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: list[bytes]) -> None:
+def test_deadline_passed_while_queued_is_504(
+    tight_server: LiveServer, pngs: list[bytes], hold_file: Path
+) -> None:
+    """Two requests with a 100 ms deadline (query field, header) queue behind a held batch; the
+    device is released only after their deadlines have passed, so neither may compute."""
     url = tight_server.url
     before = _counter(url, "deqguard_images_total")
     late_before = _counter(url, "deqguard_rejections_total", reason="deadline_exceeded")
 
     async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=600) as client:
-            blocker = asyncio.create_task(_blocker(client, url, pngs))
-            await asyncio.sleep(0.2)
-            by_field = await _post(client, url, pngs[2], deadline_ms=100)
-            by_header = await client.post(
-                url + "/v1/predict",
-                content=pngs[2],
-                headers={"Content-Type": "image/png", "X-Deadline-Ms": "100"},
+            blocker = await _hold_with_blocker(client, url, pngs[0], hold_file)
+            by_field = asyncio.create_task(_post(client, url, pngs[2], deadline_ms=100))
+            by_header = asyncio.create_task(
+                client.post(
+                    url + "/v1/predict",
+                    content=pngs[2],
+                    headers={"Content-Type": "image/png", "X-Deadline-Ms": "100"},
+                )
             )
-            return await blocker, by_field, by_header
+            await _until(lambda: _readyz(url)["queue_depth"] == 2, "two queued images")
+            await asyncio.sleep(0.3)  # past their deadlines (the device is held meanwhile)
+            hold_file.unlink()
+            return await blocker, await by_field, await by_header
 
     blocker, late, late2 = asyncio.run(run())
     assert blocker.status_code == 200
@@ -122,30 +167,37 @@ def test_deadline_passed_while_queued_is_504(tight_server: LiveServer, pngs: lis
         assert r.status_code == 504, r.text
         assert r.json()["error"]["reason"] == "deadline_exceeded"
     _wait_idle(url)
-    assert _counter(url, "deqguard_images_total") - before == 2  # the late ones never ran
+    assert _counter(url, "deqguard_images_total") - before == 1  # the late ones never ran
     assert _counter(url, "deqguard_rejections_total", reason="deadline_exceeded") - late_before == 2
 
 
-def test_client_disconnect_cancels_queued_work(tight_server: LiveServer, pngs: list[bytes]) -> None:
+def test_client_disconnect_cancels_queued_work(
+    tight_server: LiveServer, pngs: list[bytes], hold_file: Path
+) -> None:
+    """A client that gives up while its image is queued behind a held batch: the server notices,
+    drops the image before compute and counts the disconnect."""
     url = tight_server.url
     images_before = _counter(url, "deqguard_images_total")
     gone_before = _counter(url, "deqguard_rejections_total", reason="client_disconnected")
 
+    def gone() -> float:
+        return _counter(url, "deqguard_rejections_total", reason="client_disconnected")
+
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(timeout=600) as client:
-            blocker = asyncio.create_task(_blocker(client, url, pngs))
-            await asyncio.sleep(0.2)
-            async with httpx.AsyncClient(timeout=0.3) as impatient:
+            blocker = await _hold_with_blocker(client, url, pngs[0], hold_file)
+            # nothing can be answered while the device is held, so this times out for sure
+            async with httpx.AsyncClient(timeout=0.5) as impatient:
                 with pytest.raises(httpx.ReadTimeout):
                     await _post(impatient, url, pngs[2])
+            await _until(lambda: gone() - gone_before == 1, "the disconnect to be noticed")
+            hold_file.unlink()
             return await blocker
 
     assert asyncio.run(run()).status_code == 200
     _wait_idle(url)
-    assert (
-        _counter(url, "deqguard_rejections_total", reason="client_disconnected") - gone_before == 1
-    )
-    assert _counter(url, "deqguard_images_total") - images_before == 2  # the blocker's only
+    assert gone() - gone_before == 1
+    assert _counter(url, "deqguard_images_total") - images_before == 1  # the blocker's only
 
 
 def test_too_many_images_is_413(tight_server: LiveServer, pngs: list[bytes]) -> None:

@@ -212,11 +212,14 @@ def test_resumed_run_continues_the_same_schedule(tmp_path: Path, cifar_small: Ci
     assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b)  # same data/augmentation stream
     resumed.fit(resume=True)
     assert resumed.state.step == full.state.step == 4
+    # bit-identical: a resumed run draws the same numbers and does the same arithmetic
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+        assert torch.equal(a, b), k
     opt_a = full.optimizer.state_dict()["state"]
     opt_b = resumed.optimizer.state_dict()["state"]
-    assert all(torch.allclose(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"], atol=1e-6) for i in opt_a)
+    for i in opt_a:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a[i][key], opt_b[i][key]), (i, key)
 
 
 def test_resume_refuses_a_different_schedule(tmp_path: Path, cifar_small: CifarSplit) -> None:
@@ -233,7 +236,8 @@ def test_fit_validates_and_keeps_best(tmp_path: Path, cifar_small: CifarSplit) -
     state = tr.fit()
     assert state.finished and state.best_step == 3
     run = tmp_path / "t"
-    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert (run / "best.safetensors").is_file() and (run / "state.safetensors").is_file()
+    assert (run / "best.json").is_file() and (run / "state.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_pgd" in r for r in records) and any("loss" in r for r in records)
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
@@ -326,3 +330,28 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     assert m["pgd10_final_n_images"] == 4 and 0 <= m["pgd10_final_acc"] <= m["clean_acc"] + 1
     assert set(m["pgd10_intermediate_screen"]["accuracy"]) == {"i1_ka1_lam1", "i2_ka1_lam0.5"}
     assert entry.manifest.training_args["steps_done"] == 1
+
+
+def test_state_is_safetensors_and_json_and_refuses_a_torn_pair(
+    tmp_path: Path, cifar_small: CifarSplit
+) -> None:
+    """The committed run state holds no pickle, and weights that do not match their JSON (a
+    half-copied or hand-edited pair) are refused rather than resumed from."""
+    from safetensors.torch import load_file
+
+    from training.checkpoint import CheckpointError, read_state
+
+    cfg = _cfg(tmp_path, total_steps=2, pretrain_steps=1)
+    Trainer(cfg, data=cifar_small, model_config=TINY).fit()
+    run = tmp_path / "t"
+    tensors = load_file(run / "state.safetensors")
+    assert any(k.startswith("model.") for k in tensors)
+    assert any(k.startswith("optim.") and k.endswith(".exp_avg_sq") for k in tensors)
+    meta = json.loads((run / "state.json").read_text())
+    assert meta["step"] == 2 and meta["finished"] and meta["total_steps"] == 2
+    assert not list(run.glob("*.pt"))
+    blob = bytearray((run / "state.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (run / "state.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_state(run)

@@ -33,6 +33,7 @@ from deqguard.configs import SolverConfig
 from deqguard.data import dataset_fingerprint, load_test
 from deqguard.dynamics import deq_forward
 from deqguard.models import MDEQClassifier, build_model
+from training.checkpoint import read_best, read_state
 from training.losses import pgd_at_attack
 
 __all__ = ["AttackSpec", "eq11_forward", "robust_correct", "main"]
@@ -109,14 +110,17 @@ def robust_correct(
 
 
 def load_run_model(run_dir: Path, which: str = "best") -> tuple[MDEQClassifier, dict[str, Any]]:
-    """The model of a run (``best.pt``: selected on val PGD; ``last``: final weights)."""
+    """The model of a run (``best``: selected on val PGD; ``last``: the latest state) and the
+    metadata written beside its weights."""
     cfg = json.loads((run_dir / "config.json").read_text())
     overrides = {} if cfg.get("dropout") is None else {"dropout": cfg["dropout"]}
     model = build_model(cfg["model"], **overrides)
-    path = run_dir / ("best.pt" if which == "best" else "last.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    if which == "best":
+        weights, meta = read_best(run_dir)
+    else:
+        weights, _, meta = read_state(run_dir)
+    model.load_state_dict(weights)
+    return model.eval(), meta
 
 
 def parse_grid(text: str) -> list[AttackSpec]:
@@ -280,7 +284,7 @@ def _export(
 ) -> None:
     from deqguard.store import save_entry
 
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    _, _, last = read_state(run_dir)
     training_args = {
         **cfg,
         "selected_step": int(ckpt.get("step", -1)),
@@ -290,8 +294,8 @@ def _export(
         "finished": bool(last["finished"]),
         "selection": "best val PGD-10 on the first "
         f"{cfg['val_samples']} images of the held-out validation split",
-        "validation_history": json.loads(last["history"]),
-        "hardware": "CPU, 1 thread per run (2-core shared machine)",
+        "validation_history": last["history"],
+        "hardware": "CPU, 1 thread per run (2-core shared machines, several sessions)",
     }
     entry = save_entry(
         args.store,

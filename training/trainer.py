@@ -18,7 +18,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from deqguard.data import (
 from deqguard.dynamics import deq_forward
 from deqguard.gradients import jacobian_penalty, sample_depth, train_forward
 from deqguard.models import MDEQClassifier, build_model
+from training.checkpoint import STATE_JSON, read_state, write_best, write_state
 from training.config import TrainConfig
 from training.losses import pgd_at_attack, pgd_at_loss, trades_attack, trades_loss
 
@@ -53,8 +56,6 @@ __all__ = [
     "resolve_device",
 ]
 
-CHECKPOINT = "last.pt"
-BEST = "best.pt"
 SCHEDULE_KEYS = (
     "model",
     "dropout",
@@ -482,54 +483,60 @@ class Trainer:
         return {"val_clean": clean, "val_pgd": rob}
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_payload(self) -> dict[str, Any]:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Everything of the run besides the tensors (goes into ``state.json``)."""
         s = self.state
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": s.step,
+            "total_steps": self.total_steps,
+            "epoch": s.step / self.steps_per_epoch,
             "elapsed_s": s.elapsed_s,
             "best_score": s.best_score,
             "best_step": s.best_step,
             "finished": s.finished,
-            "history": json.dumps(s.history),
+            "history": s.history,
             "lr": self.lr(s.step),
             "pretrain_end": s.pretrain_end,
-            "rng_cpu": torch.get_rng_state(),
         }
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINT
+        path = self.run_dir / STATE_JSON
         if self.dist.main:
-            _atomic_save(self.checkpoint_payload(), path)
+            write_state(
+                self.run_dir,
+                model_state=self.model.state_dict(),
+                optimizer_state=self.optimizer.state_dict(),
+                meta=self.checkpoint_meta(),
+            )
         self.dist.barrier()
         return path
 
-    def load_checkpoint(self, path: Path | None = None) -> bool:
-        """Restore from ``last.pt``; False when there is none. Refuses a different schedule."""
-        path = path or self.run_dir / CHECKPOINT
-        if not path.exists():
+    def load_checkpoint(self, run_dir: Path | None = None) -> bool:
+        """Restore from ``state.safetensors`` + ``state.json``; False when there is none.
+        Refuses a state written with a different schedule."""
+        run_dir = run_dir or self.run_dir
+        if not (run_dir / STATE_JSON).exists():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        saved = ckpt["config"]
+        model_sd, optim_sd, meta = read_state(run_dir)
+        saved = meta["config"]
         mine = self.cfg.to_dict()
         diff = [k for k in SCHEDULE_KEYS if saved.get(k) != mine.get(k)]
         if diff:
             raise ValueError(
-                f"checkpoint '{path}' was written with a different schedule ({', '.join(diff)}); "
-                "resume with the same options or start a new run name"
+                f"checkpoint in '{run_dir}' was written with a different schedule "
+                f"({', '.join(diff)}); resume with the same options or start a new run name"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.model.load_state_dict(model_sd)
+        self.optimizer.load_state_dict(optim_sd)
         self.state = RunState(
-            step=int(ckpt["step"]),
-            elapsed_s=float(ckpt["elapsed_s"]),
-            best_score=float(ckpt["best_score"]),
-            best_step=int(ckpt["best_step"]),
-            finished=bool(ckpt["finished"]),
-            pretrain_end=int(ckpt.get("pretrain_end", -1)),
-            history=json.loads(ckpt["history"]),
+            step=int(meta["step"]),
+            elapsed_s=float(meta["elapsed_s"]),
+            best_score=float(meta["best_score"]),
+            best_step=int(meta["best_step"]),
+            finished=bool(meta["finished"]),
+            pretrain_end=int(meta.get("pretrain_end", -1)),
+            history=list(meta["history"]),
         )
         return True
 
@@ -564,6 +571,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         bar = self._progress()
+        signals = _StopSignals.install()
         last_ckpt = time.monotonic()
         t_prev = time.monotonic()
         new_steps = 0
@@ -572,6 +580,8 @@ class Trainer:
             if budget_s is not None and self.state.elapsed_s >= budget_s:
                 break
             if max_new_steps is not None and new_steps >= max_new_steps:
+                break
+            if signals.stop:
                 break
             step = self.state.step
             stats = self.train_step(step)
@@ -596,7 +606,8 @@ class Trainer:
             ):
                 self._validate_and_select()
                 t_prev = time.monotonic()  # validation time is not training time
-            if time.monotonic() - last_ckpt >= cfg.checkpoint_every_min * 60:
+            if signals.save_now or time.monotonic() - last_ckpt >= cfg.checkpoint_every_min * 60:
+                signals.save_now = False
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
                 t_prev = time.monotonic()
@@ -608,6 +619,7 @@ class Trainer:
                 self._validate_and_select()
             self.state.finished = True
         self.save_checkpoint()
+        signals.restore()
         if bar is not None:
             bar.close()
         return self.state
@@ -623,10 +635,7 @@ class Trainer:
             if score >= self.state.best_score:
                 self.state.best_score = score
                 self.state.best_step = self.state.step
-                _atomic_save(
-                    {"model": self.model.state_dict(), "step": self.state.step, **metrics},
-                    self.run_dir / BEST,
-                )
+                write_best(self.run_dir, self.model.state_dict(), {"step": self.state.step, **metrics})
         self.dist.barrier()
 
     def _progress(self) -> Any:
@@ -651,11 +660,36 @@ class Trainer:
         return dataset_fingerprint(self.cfg.data_root)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class _StopSignals:
+    """SIGTERM/SIGINT: finish the current step, write the state, return (what a session does
+    before committing). SIGUSR1: write the state at the next step boundary and go on."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.save_now = False
+        self._old: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls) -> _StopSignals:
+        me = cls()
+        if threading.current_thread() is not threading.main_thread():
+            return me  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            me._old[sig] = signal.signal(sig, me._on_stop)
+        if hasattr(signal, "SIGUSR1"):
+            me._old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, me._on_save)
+        return me
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stop = True
+
+    def _on_save(self, signum: int, frame: Any) -> None:
+        self.save_now = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 def iter_steps(trainer: Trainer, n: int) -> Iterator[dict[str, float]]:

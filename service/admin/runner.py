@@ -31,6 +31,7 @@ from service.admin.jobs import Job, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.settings import AdminSettings
 from service.context import ServiceContext
+from service.hold import wait_while_held
 
 __all__ = ["AuditRunner"]
 
@@ -133,7 +134,8 @@ class AuditRunner:
             if stop():
                 raise AuditStopped()
             t0 = time.monotonic()
-            waited = arbiter.background_gate(max_wait, stop)
+            held = wait_while_held(self.ctx.settings.device_hold_file, stop)
+            waited = arbiter.background_gate(max_wait, stop) or held
             if stop():  # the gate returned without starting a segment
                 raise AuditStopped()
             if waited:
