@@ -29,7 +29,10 @@ __all__ = [
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
-PRESET_DOC = "Defense preset: off (no input updates), paper (Tf 2, R 10), fast, strong."
+PRESET_DOC = (
+    "Defense preset: off (no input updates), paper (Tf 2, R 10: acts after steps 2, 4, 6, 8),"
+    " fast (Tf 4, R 5), strong (Tf 1, R 20)."
+)
 
 
 class DefenseFields(BaseModel):
@@ -39,8 +42,15 @@ class DefenseFields(BaseModel):
 
     preset: Literal["off", "paper", "fast", "strong"] | None = Field(None, description=PRESET_DOC)
     beta: float | None = Field(None, ge=0, le=1, description="input step size (l_inf, [0, 1])")
-    R: int | None = Field(None, ge=0, description="input-gradient steps per intervention")
-    Tf: int | None = Field(None, ge=1, description="intervene after every Tf-th solver step")
+    R: int | None = Field(
+        None, ge=0, description="input-gradient steps (Eq. 8) per intervention; 0 = no defense"
+    )
+    Tf: int | None = Field(
+        None,
+        ge=1,
+        description="intervene after every solver step t with t mod Tf = 0, t = N included"
+        " (Algorithm 1)",
+    )
     eps: float | None = Field(None, ge=0, le=1, description="l_inf radius around the input")
     state: int | None = Field(None, ge=1, description="early state read out, 1..N (default N)")
     model: str | None = Field(
@@ -63,10 +73,19 @@ class PredictJSON(DefenseFields):
 
 class StepEntropy(BaseModel):
     step: int = Field(description="solver step t (1..N)")
-    entropy: float = Field(description="prediction entropy (nats) at the raw iterate z[t]")
-    defense_acted: bool = Field(description="the defense updated the input after this step")
+    entropy: float = Field(
+        description="prediction entropy (nats, Eq. 6) at the state z[t] of Algorithm 1; where the"
+        " defense acted, z[t] is the state solved again under the updated input x[t]"
+    )
+    defense_acted: bool = Field(
+        description="the defense updated the input after this step (t mod Tf = 0, t = N"
+        " included, R > 0), then z[t] was recomputed by one solver step from z[<t] under x[t]"
+        " (Algorithm 1, line 13)"
+    )
     post_entropy: float | None = Field(
-        None, description="entropy right after the defense's update (only where it acted)"
+        None,
+        description="Eq. 8's objective after the R input updates: entropy of f(z~[t]; x[t]),"
+        " z~[t] being the state first solved under the previous input (only where it acted)",
     )
 
 
@@ -77,10 +96,15 @@ class ImagePrediction(BaseModel):
     probabilities: dict[str, float]
     entropy: float = Field(description="entropy (nats) of the returned prediction")
     entropy_trace: list[StepEntropy]
-    state: int = Field(description="the solver state the prediction was read from")
-    final_residual: float
-    nfe: int = Field(description="f-evaluations of the solver")
-    grad_steps: int = Field(description="input-gradient steps the defense spent")
+    state: int = Field(description="the state z[t] of Algorithm 1 the prediction was read from")
+    final_residual: float = Field(description="relative residual of z[N] under the final input")
+    nfe: int = Field(
+        description="f-evaluations of the solver: 1 + one per step (converged steps are free)"
+        " + 2 per intervention (f at z[t-1] under x[t], and the recomputed step)"
+    )
+    grad_steps: int = Field(
+        description="input-gradient steps the defense spent: R per intervention (40 for paper)"
+    )
 
 
 class Timing(BaseModel):

@@ -1,5 +1,5 @@
-"""Training graphs: phantom = autograd through the same steps; IFT = long unrolled autograd;
-Jacobian penalty; random depth (Sec. 3.3)."""
+"""Training graphs: phantom = autograd through a hand-unrolled damped iteration; IFT = long
+unrolled autograd; Jacobian penalty; random depth (Sec. 3.3)."""
 
 from __future__ import annotations
 
@@ -19,29 +19,52 @@ from deqguard.solvers import Trajectory
 from tests._toys import ToyCell
 
 
-def _grads(model):
-    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def test_phantom_gradient_equals_autograd_through_the_same_steps():
+def test_phantom_gradient_equals_autograd_through_a_hand_unrolled_damped_iteration():
+    """phantom_steps against a reference written out here: f(z; x) = s tanh(W z + U x) by hand
+    (not ``cell.cell``), one plain step from the detached z*, then K = 3 damped steps
+    z <- (1 - lam) z + lam f(z), unrolled line by line; lam = 0.3 so that swapping the two
+    weights would show. Values, parameter gradients, the input gradient and the gradient at
+    z_leaf must agree; z* itself gets none (it is detached)."""
     torch.manual_seed(0)
-    model = build_model("micro").eval().double()
-    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
-    z_star = torch.randn(3, model.state_size, dtype=torch.float64)
+    cell = ToyCell(dim=12, in_dim=6, s=0.7).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    z_star = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = 0.3
 
-    inj = model.inject(x)
-    z, _, _ = phantom_steps(model, z_star, inj, damped_steps=3, lam=0.5)
-    model.head(z).square().sum().backward()
-    ours = _grads(model)
-    model.zero_grad()
+    # the implementation
+    x_ours = x.clone().requires_grad_(True)
+    z, z_leaf, f_leaf = phantom_steps(cell, z_star, cell.inject(x_ours), damped_steps=3, lam=lam)
+    cell.head(z).sin().sum().backward()
+    ours = [p.grad.clone() for p in cell.parameters()] + [x_ours.grad, z_leaf.grad]
+    assert z_star.grad is None
+    assert z_leaf.is_leaf and z_leaf.requires_grad and torch.equal(z_leaf, z_star.detach())
+    cell.zero_grad()
 
-    inj = model.inject(x)
-    ref = model.cell(z_star.detach(), inj)
-    for _ in range(3):
-        ref = 0.5 * ref + 0.5 * model.cell(ref, inj)
-    model.head(ref).square().sum().backward()
-    for a, b in zip(ours, _grads(model), strict=True):
-        torch.testing.assert_close(a, b)
+    # the reference: fresh leaves for the parameters, f written by hand
+    w = cell.w.detach().clone().requires_grad_(True)
+    u = cell.u.detach().clone().requires_grad_(True)
+    readout = cell.readout.detach().clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    z0 = z_star.detach().clone().requires_grad_(True)
+
+    def f(zz: torch.Tensor) -> torch.Tensor:
+        return 0.7 * torch.tanh(zz @ w.T + x_ref @ u.T)
+
+    z1 = f(z0)  # the plain step
+    z2 = (1 - lam) * z1 + lam * f(z1)
+    z3 = (1 - lam) * z2 + lam * f(z2)
+    z4 = (1 - lam) * z3 + lam * f(z3)
+    (z4 @ readout.T).sin().sum().backward()
+    ref = [w.grad, u.grad, readout.grad, x_ref.grad, z0.grad]
+
+    torch.testing.assert_close(f_leaf, z1, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(z, z4, atol=1e-12, rtol=1e-12)
+    names = ["w", "u", "readout", "x", "z_leaf"]
+    assert len(ours) == len(ref) == len(names)
+    for name, a, b in zip(names, ours, ref, strict=True):
+        assert b.abs().max() > 1e-3, name  # a gradient worth comparing
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_ift_gradient_matches_long_unrolled_autograd_in_float64():

@@ -205,3 +205,47 @@ def test_solvers_converge_on_the_shipped_micro_model():
             state, traj = solver.solve(fn, z0)
             first = traj.residuals[0].median().item()
             assert state.best_residual.median().item() < 0.5 * first, name
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_select_rows_is_a_snapshot_and_merge_rows_puts_it_back(name):
+    """A step redone from a snapshot of some rows, merged back, equals the batch step; the
+    snapshot does not change when the batch state goes on (memory is updated in place)."""
+    a, b = linear_contraction(batch=4, dim=10, scale=0.6, seed=3)
+    fn = _linear_fn(a, b)
+    solver = make_solver(SolverConfig(name=name, tol=0.0, memory=3))
+    state = solver.advance(fn, solver.init(fn, torch.zeros_like(b)), 4)
+    rows = torch.tensor([1, 3])
+    snap = solver.select_rows(state, rows)
+    kept = {k: v.clone() for k, v in snap.memory.items() if isinstance(v, torch.Tensor)}
+    state = solver.advance(fn, state, 1)
+    for k, v in kept.items():
+        assert torch.equal(snap.memory[k], v), k
+    sub_fn = _linear_fn(a, b[rows])
+    redo = solver.advance(sub_fn, snap, 1)
+    twin = solver.advance(fn, solver.advance(fn, solver.init(fn, torch.zeros_like(b)), 4), 1)
+    merged = solver.merge_rows(state, rows, redo)
+    torch.testing.assert_close(merged.z, twin.z, atol=1e-12, rtol=0)
+    torch.testing.assert_close(merged.best_z, twin.best_z, atol=1e-12, rtol=0)
+    assert torch.equal(merged.nfe[rows], twin.nfe[rows])
+    nxt = solver.advance(fn, merged, 2)
+    ref = solver.advance(fn, twin, 2)
+    torch.testing.assert_close(nxt.z, ref.z, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_memory_counter_advances_when_every_sample_is_frozen(name):
+    """The slot counter counts steps, not steps in which someone moved: a snapshot taken before
+    an all-frozen step still merges back after a step that moved."""
+    a, b = linear_contraction(batch=2, dim=6, scale=0.5, seed=4)
+    fn = _linear_fn(a, b)
+    solver = make_solver(SolverConfig(name=name, tol=1e30))  # frozen from the start
+    state = solver.init(fn, torch.zeros_like(b))
+    assert not bool(state.active.any())
+    before = state.memory["count"]
+    state = solver.advance(fn, state, 2)
+    assert state.memory["count"] == before + 2
+    with pytest.raises(ValueError, match="step"):
+        solver.merge_rows(
+            state, torch.tensor([0]), solver.select_rows(solver.init(fn, b), torch.tensor([0]))
+        )

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deqguard.configs import ModelConfig
-from deqguard.data import CifarSplit, DatasetError, load_cifar10
+from deqguard.configs import ModelConfig, SolverConfig
+from deqguard.data import CifarSplit, DatasetError, load_cifar10, load_test
+from deqguard.dynamics import deq_forward
 from training.cli import main as cli_main
 from training.config import TrainConfig
 from training.losses import pgd_at_attack, pgd_at_loss, trades_attack, trades_loss
@@ -313,8 +314,103 @@ def test_shipped_recipes_parse() -> None:
     assert diff == {"name", "random_intermediate"}  # same seed, same budget
 
 
+def _eq11_logits(
+    model: torch.nn.Module, x: torch.Tensor, solver: SolverConfig, i: int, ka: int, lam: float
+) -> torch.Tensor:
+    """Eq. 11 as documented in training/evaluate.py: z[i] of the N-step solver held constant,
+    one plain f step, ``ka`` damped steps, the head; the graph reaches x through the stem."""
+    with torch.no_grad():
+        z = deq_forward(model, x, solver, steps=i, record=False).state
+    inj = model.inject(x)
+    z = model.cell(z, inj)
+    for _ in range(ka):
+        z = (1 - lam) * z + lam * model.cell(z, inj)
+    return model.head(z)
+
+
+def _correct_under_pgd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    solver: SolverConfig,
+    spec: tuple[int, int, float] | None,
+    *,
+    steps: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """The documented evaluation protocol written out: per batch, l_inf PGD (eps 8/255, uniform
+    random start from one generator seeded 0 for the whole run, ``steps`` sign steps of 2/255,
+    ball then [0, 1] projection) on the Eq. 11 surrogate ``spec`` (None: no attack), judged by
+    the undefended head at z[N]. Per-sample correctness [n] bool."""
+    eps, alpha = 8 / 255, 2 / 255
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if spec is not None:
+            u = torch.rand(xb.shape, generator=gen, dtype=xb.dtype)
+            xa = (xb + (2 * u - 1) * eps).clamp(0, 1)
+            for _ in range(steps):
+                xa = xa.detach().requires_grad_(True)
+                loss = F.cross_entropy(_eq11_logits(model, xa, solver, *spec), yb)
+                (g,) = torch.autograd.grad(loss, xa)
+                xa = torch.minimum(torch.maximum(xa + alpha * g.sign(), xb - eps), xb + eps)
+                xa = xa.clamp(0, 1)
+            xb = xa.detach()
+        with torch.no_grad():
+            out.append(deq_forward(model, xb, solver, record=False).logits.argmax(1) == yb)
+    return torch.cat(out)
+
+
+def _plant_a_head(run_dir: Path, cfg: TrainConfig) -> None:
+    """Replace the run's selected weights by the same network with a planted classifier.
+
+    After one training step the micro model gives every image the same class, so all the
+    evaluation's accuracies are 0 on the first 4 test images and no attack has a decision to
+    flip. The planted head gives logits 1 for the label and 0 elsewhere on images 0-2 and -1
+    for the label on image 3 (clean: right, right, right, wrong), and adds a large random map
+    off the span of those 4 images' features: the clean logits stay exact, but a perturbation
+    of the input moves them a lot, so the attacks flip some decisions and not others."""
+    from training.checkpoint import read_best, write_best
+    from training.evaluate import load_run_model
+
+    model, _ = load_run_model(run_dir)
+    test = load_test(n=4)
+    x, y = test.float_images(), test.labels
+    feats: list[torch.Tensor] = []
+    hook = model.classifier.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+    with torch.no_grad():
+        deq_forward(
+            model, x, SolverConfig(name=cfg.solver, max_steps=cfg.solver_steps), record=False
+        )
+    hook.remove()
+    (h,) = feats  # the head at z[N]: [4, F]
+    h = h.double()
+    target = F.one_hot(y, 10).double() * torch.tensor([1.0, 1.0, 1.0, -1.0])[:, None]
+    w = torch.linalg.pinv(h) @ (target - model.classifier.bias.detach().double())  # [F, 10]
+    off_span = torch.eye(h.shape[1], dtype=torch.float64) - h.T @ torch.linalg.pinv(h.T)
+    noise = torch.randn(h.shape[1], 10, generator=torch.Generator().manual_seed(0))
+    w = w + 20.0 * off_span @ noise.double()
+    weights, meta = read_best(run_dir)
+    weights["classifier.weight"] = w.T.float().contiguous()
+    write_best(run_dir, weights, {k: v for k, v in meta.items() if k != "weights_sha256"})
+
+
 def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSplit) -> None:
+    """The exported metrics are what the documented protocol gives, recomputed here from the
+    store's model (not the evaluator's loader) with the surrogate and PGD written out in this
+    file: clean accuracy, the screen, the strongest intermediate attack rerun on all images,
+    the final-state attack (i = N, 1 + final_ka steps, lam 0.5), their minimum and the
+    per-sample worst case (correct under all three). The run gets a planted head (see
+    ``_plant_a_head``) so that these numbers are not all 0. The evaluator's Eq. 11 surrogate is
+    also checked on its own, value and input gradient, where numbers are not coarsened to
+    4-image accuracies.
+
+    Not asserted: robust <= clean accuracy. The evaluator judges each attack on its own, and PGD
+    from a random start may land a clean-misclassified image on a correct decision; only
+    ``pgd10_per_sample_worst_acc`` (clean & intermediate & final) is bounded by clean."""
     from deqguard.store import load_entry
+    from training.evaluate import AttackSpec, eq11_forward
     from training.evaluate import main as eval_main
 
     cfg = _cfg(tmp_path, name="m", model="micro", total_steps=1, pretrain_steps=1)
@@ -324,12 +420,61 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     argv = ["--run", str(tmp_path / "m"), "--store", str(store), "--n-test", "4"]
     argv += ["--screen", "2", "--grid", "1:1:1,2:1:0.5", "--final-ka", "1", "--steps", "1"]
     argv += ["--batch-size", "2"]
+    _plant_a_head(tmp_path / "m", cfg)
     assert eval_main(argv) == 0
     entry = load_entry(store, "m")
     m = entry.manifest.metrics
-    assert m["pgd10_final_n_images"] == 4 and 0 <= m["pgd10_final_acc"] <= m["clean_acc"] + 1
     assert set(m["pgd10_intermediate_screen"]["accuracy"]) == {"i1_ka1_lam1", "i2_ka1_lam0.5"}
     assert entry.manifest.training_args["steps_done"] == 1
+
+    model = entry.model
+    n = cfg.solver_steps
+    solver = SolverConfig(name=cfg.solver, max_steps=n)
+    assert entry.manifest.solver == solver  # the decision's solver went into the entry
+    test = load_test(n=4)
+    x, y = test.float_images(), test.labels
+
+    # the evaluator's surrogate against the formula, for every spec it ran
+    for i, ka, lam in [(1, 1, 1.0), (2, 1, 0.5), (n, 1, 0.5)]:
+        xa = x[:2].clone().requires_grad_(True)
+        xb = x[:2].clone().requires_grad_(True)
+        got = eq11_forward(model, solver, AttackSpec(i, ka, lam))(xa)
+        ref = _eq11_logits(model, xb, solver, i, ka, lam)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+        (g_got,) = torch.autograd.grad(F.cross_entropy(got, y[:2]), xa)
+        (g_ref,) = torch.autograd.grad(F.cross_entropy(ref, y[:2]), xb)
+        torch.testing.assert_close(g_got, g_ref, atol=1e-7, rtol=1e-4)
+
+    def acc(c: torch.Tensor) -> float:
+        return float(c.float().mean())
+
+    run = dict(steps=1, batch_size=2)
+    clean = _correct_under_pgd(model, x, y, solver, None, **run)
+    assert clean.tolist() == [True, True, True, False]  # the planted head is in the entry
+    screen = {
+        "i1_ka1_lam1": acc(_correct_under_pgd(model, x[:2], y[:2], solver, (1, 1, 1.0), **run)),
+        "i2_ka1_lam0.5": acc(_correct_under_pgd(model, x[:2], y[:2], solver, (2, 1, 0.5), **run)),
+    }
+    worst = min(screen, key=screen.__getitem__)  # ties: the first in grid order
+    inter = _correct_under_pgd(
+        model,
+        x,
+        y,
+        solver,
+        {"i1_ka1_lam1": (1, 1, 1.0), "i2_ka1_lam0.5": (2, 1, 0.5)}[worst],
+        **run,
+    )
+    final = _correct_under_pgd(model, x, y, solver, (n, 1, 0.5), **run)
+    assert m["clean_acc"] == acc(clean)
+    assert m["pgd10_intermediate_screen"] == {"n_images": 2, "accuracy": screen}
+    assert m["pgd10_intermediate_attack"].startswith(f"Eq. 11 {worst} ")
+    assert m["pgd10_intermediate_acc"] == acc(inter)
+    assert m["pgd10_final_n_images"] == 4
+    assert m["pgd10_final_acc"] == acc(final)
+    assert m["pgd10_min_acc"] == min(acc(final), acc(inter))
+    assert m["pgd10_per_sample_worst_acc"] == acc(clean & inter & final)
+    assert m["pgd10_per_sample_worst_acc"] <= min(m["clean_acc"], m["pgd10_min_acc"])
+    assert m["pgd10_min_acc"] < m["clean_acc"]  # not vacuous: the attacks do flip decisions
 
 
 def test_state_is_safetensors_and_json_and_refuses_a_torn_pair(

@@ -1,18 +1,26 @@
 """Test-time input entropy reduction along the neural dynamics (Sec. 3.2, Algorithm 1).
 
-The solver runs N steps from z = 0 on the input x. After every Tf-th step t (t < N) a sample
-with R > 0 gets R sign-gradient steps on its input,
+Algorithm 1, for each sample: z[0] = 0, x[0] = x (the input as received); for t = 1..N,
 
-    x <- clip[0,1](clip[x0 - eps, x0 + eps](x - beta * sign(grad_x H(head(f(z[t]; x)))))),
+    z~[t] = one solver step from z[<t] under x[t-1]                       (line 4)
+    if t mod Tf = 0 (t = N included) and R > 0:
+        R steps of Eq. 8 at z~[t] held:                                     (lines 8-12)
+            x <- clip[0,1](clip[x0 - eps, x0 + eps](x - beta * sign(grad_x H(head(f(z~[t]; x))))))
+        x[t] = the result; z[t] = one solver step from z[<t] under x[t]      (line 13)
+    else: x[t] = x[t-1], z[t] = z~[t]
 
-with z[t] held fixed and x0 the input as received; then the solver continues from its state with
-the new input (``solver.retarget``: f is re-evaluated at z[t] for the changed samples and their
-secant memory is reset, since it described the old f). Everything is batched: per-sample
-parameters become [B] tensors and per-step masks, never a Python loop over samples.
+and the prediction is read from z[state] (default z[N]). "One solver step from z[<t]" is the
+solver's own step from its state after step t - 1 (iterate, secant memory, step count, best
+iterate), so before step t on every intervention step the intervening rows' solver state is
+snapshotted (``solver.select_rows``); line 13 re-evaluates f at z[t-1] under x[t] (the inputs
+changed, so a converged sample is un-frozen) and takes the step from that snapshot, and the
+result replaces those rows (``solver.merge_rows``). That costs two f-evaluations per
+intervention on top of the tentative step. Everything is batched: per-sample parameters become
+[B] tensors and a [N, B] schedule, never a Python loop over samples.
 
-Work the authors' loop does that is skipped here: the R updates after the last chunk (nothing reads
-them), the second head call per entropy step, the unrolled tail at inference, and batch-level
-stopping. Samples with R = 0 never enter a gradient computation.
+Work the authors' loop does that is skipped here: the second head call per entropy step, the
+unrolled tail at inference, and batch-level stopping. Samples with R = 0 never enter a gradient
+computation.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from deqguard.dynamics import (
     resolve_solver,
 )
 from deqguard.models.mdeq import Injection, MDEQClassifier
-from deqguard.solvers import CellFn, FixedPointSolver, Trajectory
+from deqguard.solvers import FixedPointSolver, Trajectory
 
 __all__ = ["BatchParams", "DefenseResult", "DefenseTrace", "defended_forward", "entropy_descent"]
 
@@ -81,18 +89,22 @@ class BatchParams:
         )
 
     def schedule(self, steps: int) -> Tensor:
-        """[N, B] bool: sample b updates its input after solver step t (row t - 1)."""
+        """[N, B] bool: sample b updates its input after solver step t (row t - 1), i.e. at
+        every t in 1..N with t mod Tf = 0 (Algorithm 1's (t + 1) mod Tf = 0 for t = 0..N-1,
+        the last step included) when R > 0."""
         t = torch.arange(1, steps + 1, device=self.R.device)[:, None]
-        return (t % self.Tf[None, :] == 0) & (self.R[None, :] > 0) & (t < steps)
+        return (t % self.Tf[None, :] == 0) & (self.R[None, :] > 0)
 
 
 @dataclass
 class DefenseTrace:
     """The defended dynamics in full, for adaptive attacks and audits (``trace=True``).
 
-    ``states`` [N, B, D]: the raw iterates z[1..N]; ``inputs[t]`` [B, 3, H, W]: the input in
-    effect after step t + 1 (after that step's update, if any), so ``inputs[N - 1]`` = x_final;
-    ``jac[t]``: elementwise d inputs[t] / d x (0 or 1, see :func:`entropy_descent`).
+    ``states`` [N, B, D]: z[1..N] of Algorithm 1 (at an intervention step the state redone
+    under the updated input, not the tentative one); ``inputs[t]`` [B, 3, H, W]: x[t + 1], the
+    input in effect after step t + 1 (after that step's update, if any), which is the input
+    ``states[t]`` was solved under; ``inputs[N - 1]`` = x_final. ``jac[t]``: elementwise
+    d inputs[t] / d x (0 or 1, see :func:`entropy_descent`).
     """
 
     states: Tensor
@@ -107,16 +119,19 @@ class DefenseResult:
     Attributes:
         logits: [B, C] from each sample's chosen state.
         state_index: [B] int64, the chosen state (1..N).
-        step_entropy: [N, B] Eq. 6 entropy of head(z[t]) at each raw iterate z[1..N].
-        acted: [N, B] bool: the defense updated the input after step t.
-        post_entropy: [N, B] H(head(f(z[t]; x_new))), the objective right after the update, at
-            acted steps (NaN elsewhere).
-        final_residual: [B] relative residual of the last iterate.
-        nfe: [B] int64 f-evaluations (solver steps, restarts after input changes; not the ones
-            inside the gradient steps, which ``grad_steps`` counts).
-        grad_steps: [B] int64 input-gradient steps spent.
-        x_final: [B, 3, H, W] the updated input (within eps of x, in [0, 1]).
-        step_logits: [N, B, C] logits at every raw iterate (for audits and plots).
+        step_entropy: [N, B] Eq. 6 entropy of head(z[t]) at each state z[1..N] of Algorithm 1
+            (at an acted step: the state redone under the updated input).
+        acted: [N, B] bool: the defense updated the input after step t (then z[t] was redone).
+        post_entropy: [N, B] H(head(f(z~[t]; x[t]))), Eq. 8's objective after the R updates
+            (z~[t]: the tentative state solved under the previous input), at acted steps (NaN
+            elsewhere).
+        final_residual: [B] relative residual of z[N] under x_final.
+        nfe: [B] int64 f-evaluations: 1 to start, 1 per solver step and 2 more per intervention
+            (f at z[t-1] under x[t] and the redone step); not the ones inside the gradient
+            steps, which ``grad_steps`` counts. Frozen samples pay no step.
+        grad_steps: [B] int64 input-gradient steps spent (R per intervention).
+        x_final: [B, 3, H, W] x[N], the updated input (within eps of x, in [0, 1]).
+        step_logits: [N, B, C] logits at every state z[1..N] (for audits and plots).
     """
 
     logits: Tensor
@@ -220,23 +235,6 @@ def _track_jacobian(
     jac.copy_(torch.where(below, ball_lo, torch.where(above, ball_hi, jac)))
 
 
-def _restart_fn(
-    model: MDEQClassifier, injection: Injection, idx: Tensor, inner: list[Tensor]
-) -> CellFn:
-    """f for the restart after an update: the iterate of rows ``idx`` is unchanged, so their
-    z-only part ``inner`` is reused; any other call falls back to the plain f."""
-    full = cell_fn(model, injection)
-
-    def fn(z: Tensor, index: Tensor | None) -> Tensor:
-        rows = torch.arange(z.shape[0], device=z.device) if index is None else index
-        if rows.shape == idx.shape and bool((rows == idx).all()):
-            inj = injection if index is None else injection.select(index)
-            return model.cell_outer(z, inner, inj)
-        return full(z, index)
-
-    return fn
-
-
 @torch.no_grad()
 def defended_forward(
     model: MDEQClassifier,
@@ -248,6 +246,10 @@ def defended_forward(
     trace: bool = False,
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.
+
+    Interventions after every step t with t mod Tf = 0, t = N included, each followed by z[t]
+    redone from the solver's state before step t under the new input (see the module
+    docstring); the prediction comes from z[state] of that trajectory.
 
     Args:
         model: the MDEQ classifier, in eval mode (train-mode BatchNorm would couple samples).
@@ -282,21 +284,24 @@ def defended_forward(
         inputs: list[Tensor] = []
         jacs: list[Tensor] = []
         for t in act_steps:
-            state = slv.advance(fn, state, t - done, trajectory)
+            # Steps done + 1 .. t - 1: nobody intervenes after them.
+            state = slv.advance(fn, state, t - 1 - done, trajectory)
             inputs += [x_cur] * (t - 1 - done)
             if jac is not None:
                 jacs += [jac] * (t - 1 - done)
                 jac = jac.clone()
-            done = t
-            who = plan[t - 1]
-            idx = who.nonzero().squeeze(1)
+            idx = plan[t - 1].nonzero().squeeze(1)  # [b] the samples intervening after step t
             sub_masks = None if injection.masks is None else [m[idx] for m in injection.masks]
+            # Line 4: z~[t] from z[<t] under x[t-1]; keep the memory before it for line 13.
+            before = slv.select_rows(state, idx)
+            state = slv.advance(fn, state, 1)
+            # Lines 8-12: R steps of Eq. 8 at z~[t] (held), giving x[t].
+            z_tent = state.z[idx]
+            inner = model.cell_inner(z_tent)  # reused by the R updates and post_entropy
             jac_rows = None if jac is None else jac[idx]
-            z_rows = state.z[idx]
-            inner = model.cell_inner(z_rows)  # reused by the R updates and the restart below
             x_new = entropy_descent(
                 model,
-                z_rows,
+                z_tent,
                 x_cur[idx],
                 x0[idx],
                 p.beta[idx],
@@ -311,14 +316,28 @@ def defended_forward(
             x_cur[idx] = x_new
             if jac is not None:
                 jac[idx] = jac_rows
-                jacs.append(jac)
-            inputs.append(x_cur)
+            new_inj = Injection(_features(model, x_new), sub_masks)
+            post[t - 1, idx] = prediction_entropy(
+                model.head(model.cell_outer(z_tent, inner, new_inj))
+            )
             feats = injection.features.clone()
-            feats[idx] = _features(model, x_new)
+            feats[idx] = new_inj.features
             injection = Injection(feats, injection.masks)
             fn = cell_fn(model, injection)
-            state = slv.retarget(_restart_fn(model, injection, idx, inner), state, which=who)
-            post[t - 1, idx] = prediction_entropy(model.head(state.fz[idx]))
+            # Line 13: z[t] = one solver step from z[<t] (the memory as it was) under x[t]:
+            # f at z[t-1] under the new input (un-freezing rows that had converged under the
+            # old one), then the step; z~[t] is discarded (its f-evaluation still counts).
+            sub_fn = cell_fn(model, new_inj)
+            nfe_before = before.nfe
+            redo = slv.retarget(sub_fn, before, reset_memory=False)
+            redo = slv.advance(sub_fn, redo, 1)
+            redo.nfe = state.nfe[idx] + (redo.nfe - nfe_before)
+            state = slv.merge_rows(state, idx, redo)
+            trajectory.append(state.z, state.residual)
+            inputs.append(x_cur)
+            if jac is not None:
+                jacs.append(jac)
+            done = t
         state = slv.advance(fn, state, steps - done, trajectory)
         inputs += [x_cur] * (steps - done)
         if jac is not None:

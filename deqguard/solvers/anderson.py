@@ -27,14 +27,23 @@ class AndersonSolver(FixedPointSolver):
         fs = state.fz.unsqueeze(1).expand(-1, m, -1).clone()
         return {"xs": xs, "fs": fs, "count": 0}
 
+    def _push(self, state: SolverState) -> None:
+        """Record the pair at the current iterate in the next slot."""
+        mem = state.memory
+        slot = mem["count"] % self.config.memory
+        mem["xs"][:, slot] = state.z  # in place: never shared outside the state
+        mem["fs"][:, slot] = state.fz
+        mem["count"] += 1
+
+    def _idle(self, state: SolverState) -> None:
+        """A step with every row held records the (repeated) current pair, as _propose would."""
+        self._push(state)
+
     def _propose(self, state: SolverState) -> Tensor:
+        self._push(state)
         mem = state.memory
         m = self.config.memory
-        slot = mem["count"] % m
-        xs, fs = mem["xs"], mem["fs"]  # updated in place: never shared outside the state
-        xs[:, slot] = state.z
-        fs[:, slot] = state.fz
-        mem["count"] += 1
+        xs, fs = mem["xs"], mem["fs"]
         g = fs - xs  # [B, m, D]
         g = g.to(torch.promote_types(g.dtype, torch.float32))
         b = g.shape[0]

@@ -110,6 +110,9 @@ class FixedPointSolver(ABC):
         state = solver.advance(fn, state, 2)   # 2 more steps (2 evaluations)
         state = solver.retarget(fn2, state)    # f changed (new input): 1 evaluation
         state = solver.advance(fn2, state, 2)
+
+    ``select_rows`` / ``merge_rows`` snapshot some rows and put them back, which is how the
+    test-time defense redoes a step under a changed input from the memory as it was before.
     """
 
     def __init__(self, config: SolverConfig) -> None:
@@ -130,6 +133,15 @@ class FixedPointSolver(ABC):
     @abstractmethod
     def _reset_memory(self, state: SolverState, which: Tensor) -> None:
         """Forget the memory of samples ``which`` [B] bool (their f changed)."""
+
+    def _idle(self, state: SolverState) -> None:
+        """Update the memory for a step in which no sample moved (default: nothing to do).
+
+        Solvers with a batch-wide slot counter advance it here as a step with every row held
+        would, so the counter only depends on the number of steps taken: that is what lets
+        :meth:`merge_rows` put rows of two states that took the same steps back together.
+        """
+        return None
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, fn: CellFn, z: Tensor, which: Tensor, fallback: Tensor) -> Tensor:
@@ -221,6 +233,8 @@ class FixedPointSolver(ABC):
                 if cfg.freeze_converged:
                     state.converged = state.converged | (moved & (res_new < cfg.tol))
                 state.z, state.fz, state.residual = z_new, fz_new, res_new
+            else:
+                self._idle(state)
             state.steps += 1
             if trajectory is not None:
                 trajectory.append(state.z, state.residual)
@@ -256,6 +270,72 @@ class FixedPointSolver(ABC):
         if reset_memory:
             self._reset_memory(state, which)
         return state
+
+    def select_rows(self, state: SolverState, rows: Tensor) -> SolverState:
+        """A copy of the rows ``rows`` (int64 [b]) of ``state``, memory included.
+
+        The copy shares no tensor with ``state`` (memory is updated in place), so it is a
+        snapshot: it can be advanced under another f, or kept to redo a step from it, while
+        ``state`` goes on. Memory tensors are per sample (leading dim B); the other memory
+        entries (slot counters) are batch-wide and copied as they are.
+        """
+        batch = state.batch_size
+
+        def pick(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+                return value[rows]  # advanced indexing: a copy
+            return value
+
+        return SolverState(
+            z=state.z[rows],
+            fz=state.fz[rows],
+            residual=state.residual[rows],
+            best_z=state.best_z[rows],
+            best_residual=state.best_residual[rows],
+            best_step=state.best_step[rows],
+            first_residual=state.first_residual[rows],
+            converged=state.converged[rows],
+            diverged=state.diverged[rows],
+            nfe=state.nfe[rows],
+            steps=state.steps,
+            memory={k: pick(v) for k, v in state.memory.items()},
+        )
+
+    def merge_rows(self, state: SolverState, rows: Tensor, sub: SolverState) -> SolverState:
+        """``state`` with its rows ``rows`` (int64 [b]) replaced by the b rows of ``sub``.
+
+        Both must have taken the same number of steps (then the batch-wide memory entries,
+        which only depend on it, agree). The iterate tensors are replaced, never written in
+        place (a trajectory may hold them); the memory tensors are written in place.
+        """
+        if sub.steps != state.steps:
+            raise ValueError(f"cannot merge a state at step {sub.steps} into one at {state.steps}")
+        batch = state.batch_size
+
+        def put(full: Tensor, part: Tensor) -> Tensor:
+            return full.index_put((rows,), part)
+
+        mem = state.memory
+        for key, value in sub.memory.items():
+            full = mem[key]
+            if isinstance(full, Tensor) and full.dim() and full.shape[0] == batch:
+                full[rows] = value
+            elif full != value:
+                raise ValueError(f"solver memory {key!r} differs: {full!r} vs {value!r}")
+        return SolverState(
+            z=put(state.z, sub.z),
+            fz=put(state.fz, sub.fz),
+            residual=put(state.residual, sub.residual),
+            best_z=put(state.best_z, sub.best_z),
+            best_residual=put(state.best_residual, sub.best_residual),
+            best_step=put(state.best_step, sub.best_step),
+            first_residual=put(state.first_residual, sub.first_residual),
+            converged=put(state.converged, sub.converged),
+            diverged=put(state.diverged, sub.diverged),
+            nfe=put(state.nfe, sub.nfe),
+            steps=state.steps,
+            memory=mem,
+        )
 
     def solve(
         self, fn: CellFn, z0: Tensor, steps: int | None = None, record: bool = True

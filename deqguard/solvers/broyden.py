@@ -71,6 +71,14 @@ class BroydenSolver(FixedPointSolver):
         mem["vts"][:, slot] = vt
         mem["count"] += 1
 
+    def _idle(self, state: SolverState) -> None:
+        """A step with every row held: a zero pair (it adds nothing to B) in the next slot."""
+        mem = state.memory
+        slot = mem["count"] % self.config.memory
+        mem["us"][:, slot] = 0.0
+        mem["vts"][:, slot] = 0.0
+        mem["count"] += 1
+
     def _reset_memory(self, state: SolverState, which: Tensor) -> None:
         """Forget rows ``which``. When that is every row, restarting the slot count is enough
         (only the first ``count`` slots are ever read); otherwise the rows' pairs are zeroed

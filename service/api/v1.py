@@ -120,11 +120,14 @@ PREDICT_BODY: dict[str, Any] = {
 }
 
 
+_FIELD_DOC = {k: f.description for k, f in DefenseFields.model_fields.items()}
+
+
 async def _query_fields(
     preset: Annotated[Literal["off", "paper", "fast", "strong"] | None, Query()] = None,
     beta: Annotated[float | None, Query(ge=0, le=1)] = None,
-    R: Annotated[int | None, Query(ge=0)] = None,
-    Tf: Annotated[int | None, Query(ge=1)] = None,
+    R: Annotated[int | None, Query(ge=0, description=_FIELD_DOC["R"])] = None,
+    Tf: Annotated[int | None, Query(ge=1, description=_FIELD_DOC["Tf"])] = None,
     eps: Annotated[float | None, Query(ge=0, le=1)] = None,
     state: Annotated[int | None, Query(ge=1)] = None,
     model: Annotated[str | None, Query(pattern=MODEL_REF_PATTERN)] = None,
