@@ -34,11 +34,18 @@ class DeviceArbiter:
 
     Args:
         queued: how many predict images are waiting (the batcher's queue), read at audit gates.
+        clock: the time source of ``max_wait_s`` and ``background_wait_s`` (tests pass one they
+            move themselves, so a wait ends when the test says, not after real seconds).
     """
 
-    def __init__(self, queued: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        queued: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._cv = threading.Condition()
         self._queued = queued
+        self._clock = clock
         self._claims = 0  # predict batches that want or hold the device
         self._background_active = False  # an audit segment is computing
         self.background_wait_s = 0.0  # total time audits spent waiting (for metrics and tests)
@@ -49,8 +56,8 @@ class DeviceArbiter:
         audit segment, at most ``max_wait_s`` (a safety bound: segments are one f-evaluation)."""
         with self._cv:
             self._claims += 1
-            deadline = time.monotonic() + max_wait_s
-            while self._background_active and time.monotonic() < deadline:
+            deadline = self._clock() + max_wait_s
+            while self._background_active and self._clock() < deadline:
                 self._cv.wait(_POLL_S)
         try:
             yield
@@ -70,19 +77,19 @@ class DeviceArbiter:
         with self._cv:
             self._background_active = False
             self._cv.notify_all()
-            t0 = time.monotonic()
+            t0 = self._clock()
             waited = False
             while True:
                 if should_stop():
                     return waited
-                patient = time.monotonic() - t0 < max_wait_s
+                patient = self._clock() - t0 < max_wait_s
                 if self._claims == 0 and (not patient or self._queued() == 0):
                     break
                 waited = True
                 self._cv.wait(_POLL_S)
             self._background_active = True
             if waited:
-                self.background_wait_s += time.monotonic() - t0
+                self.background_wait_s += self._clock() - t0
             return waited
 
     def background_done(self) -> None:

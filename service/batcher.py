@@ -58,9 +58,9 @@ class Job:
     model: str
     images: torch.Tensor  # float32 [n, 3, 32, 32] in [0, 1]
     params: list[Any]  # one per image
-    deadline: float  # time.monotonic() by which compute must have started
+    deadline: float  # the batcher's clock (time.monotonic() by default) by which compute must start
     future: asyncio.Future[JobResult]
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float = field(default_factory=time.monotonic)  # the batcher's clock
     started: bool = False
     cancelled: bool = False
 
@@ -91,6 +91,10 @@ class Batcher:
             time, so that clients answered by the previous batch can join the next one (0: off).
         fill_gap_s: ...ending the wait early once requests that arrived after the device freed
             up pause for this long (the answered clients come back in a burst).
+        clock: the time source of the whole policy (arrivals, fill waits, deadlines, queue
+            times); jobs' ``enqueued`` and ``deadline`` must be on it, and the event loop's
+            ``time()`` must keep the same time (it times the waits). Tests pass a virtual clock
+            so that batch composition does not depend on how fast the machine is.
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class Batcher:
         fill_fraction: float = 0.0,
         fill_gap_s: float = 0.004,
         workers: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
+        self._clock = clock
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
@@ -134,13 +140,13 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self.fill_fraction = fill_fraction
         self.fill_gap_s = fill_gap_s
-        self._free_since = 0.0  # time.monotonic() when the last batch finished
+        self._free_since = 0.0  # clock() when the last batch finished
         self._arrived = 0  # images submitted so far
         self._busy_rate = 0.0  # images/s that arrived while the last batch computed
         self._rate = 0.0  # smoothed arrival rate, images/s, measured between batch starts
         self._last_start = 0.0
         self._arrived_at_last_start = 0
-        self._last_arrival = 0.0  # time.monotonic() of the newest submit
+        self._last_arrival = 0.0  # clock() of the newest submit
         self._last_compute_s = 0.0
         # shares the device with background audits: predict batches first, never concurrently
         self.arbiter = DeviceArbiter(lambda: self._queued_images)
@@ -210,7 +216,7 @@ class Batcher:
         self._pending.append(job)
         self._queued_images += job.n
         self._arrived += job.n
-        self._last_arrival = time.monotonic()
+        self._last_arrival = self._clock()
         self._on_depth(self._queued_images)
         self._wake.set()
 
@@ -238,7 +244,7 @@ class Batcher:
         batch: list[Job] = []
         total = 0
         keep: deque[Job] = deque()
-        now = time.monotonic()
+        now = self._clock()
         while self._pending:
             job = self._pending.popleft()
             fits = job.model == model and (not batch or total + job.n <= self.max_batch)
@@ -286,7 +292,7 @@ class Batcher:
             # within the fill time: let the batch fill (the clients the last batch answered
             # come back after the event loop has written all their responses)
             rate = max(self._busy_rate, self._rate)
-            if time.monotonic() - self._free_since < fill and rate * fill >= 1.0:
+            if self._clock() - self._free_since < fill and rate * fill >= 1.0:
                 fill_until = self._free_since + fill
             while self._pending and self._images_for(self._pending[0].model) < self.max_batch:
                 # filling ends at its cap, or once arrivals that began after the device freed
@@ -296,7 +302,7 @@ class Batcher:
                     if self._last_arrival > self._free_since
                     else fill_until
                 )
-                left = max(until, min(fill_until, gap_end)) - time.monotonic()
+                left = max(until, min(fill_until, gap_end)) - self._clock()
                 if left <= 0:
                     break
                 self._wake.clear()
@@ -309,7 +315,7 @@ class Batcher:
             model, batch = self._take()
             if not batch:
                 continue
-            started = time.monotonic()
+            started = self._clock()
             if self._last_start:
                 inst = (self._arrived - self._arrived_at_last_start) / max(
                     started - self._last_start, 1e-6
@@ -333,7 +339,7 @@ class Batcher:
             except Exception as exc:  # the device thread itself failed: fail this batch only
                 log.exception("device worker call failed")
                 results = [exc] * len(batch)
-            self._free_since = time.monotonic()
+            self._free_since = self._clock()
             elapsed = self._free_since - started
             self._busy_rate = (self._arrived - arrived_before) / max(elapsed, 1e-6)
             self._last_compute_s = elapsed

@@ -214,10 +214,11 @@ def _cancel_running_and_queued(server: LiveServer) -> None:
 
 
 def _strip(report: dict[str, Any]) -> dict[str, Any]:
-    """The report without what may differ between runs (timing, per attack too, job
-    bookkeeping, and the Markdown summary, which quotes the elapsed time)."""
+    """The report without what may differ between runs (timing, per attack and of the sanity
+    checks too, job bookkeeping, and the Markdown summary, which quotes the elapsed time)."""
     out = {k: v for k, v in report.items() if k not in ("job", "elapsed_s", "summary_markdown")}
     out["attacks"] = [{k: v for k, v in a.items() if k != "seconds"} for a in report["attacks"]]
+    out["sanity"] = {k: v for k, v in report["sanity"].items() if k != "seconds"}
     return out
 
 

@@ -4,86 +4,157 @@ goes first, audits still progress under sustained queued load, and stop requests
 from __future__ import annotations
 
 import threading
-import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
 
 from service.arbiter import DeviceArbiter
+from tests._virtual_time import ManualClock, wait_until
+
+# The arbiter reads its clock in every round of its wait loops, so "the clock has been read
+# again" is how a test knows a thread is waiting there (and not merely slow to start). The
+# clocks never move unless a test moves them: no result depends on real time. Joins only guard
+# against a hang.
+_HANG_S = 60.0
 
 
-def _record(log: list[tuple[str, float, float]], who: str, seconds: float) -> None:
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    log.append((who, t0, time.monotonic()))
+class _Device:
+    """Who computes now; records every time two parties were inside at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.inside: list[str] = []
+        self.overlaps: list[tuple[list[str], str]] = []
+        self.segments: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, who: str) -> Iterator[None]:
+        with self._lock:
+            if self.inside:
+                self.overlaps.append((list(self.inside), who))
+            self.inside.append(who)
+            self.segments[who] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inside.remove(who)
+
+
+def _thread(target: Callable[[], object]) -> threading.Thread:
+    t = threading.Thread(target=target, daemon=True)  # daemon: a failed test cannot hang exit
+    t.start()
+    return t
 
 
 def test_predict_and_audit_segments_never_overlap() -> None:
-    arbiter = DeviceArbiter()
-    log: list[tuple[str, float, float]] = []
+    """Rounds forced by the test: an audit segment is computing when a predict batch asks for
+    the device (the segment lasts until the batch is provably waiting in predict(), or has got
+    in, which is the bug); the audit then yields to the queued batch and computes its next
+    segment only after the batch. Both progress every round and never compute together."""
+    clock = ManualClock()
+    queued = [0]
+    arbiter = DeviceArbiter(lambda: queued[0], clock=clock)
+    device = _Device()
+    in_segment = threading.Semaphore(0)  # audit -> test: a segment is computing
+    asked = threading.Semaphore(0)  # test -> audit: a predict batch is asking
     stop = threading.Event()
+    rounds = 10
 
     def audit() -> None:
-        while not stop.is_set():
-            arbiter.background_gate(max_wait_s=10.0, should_stop=stop.is_set)
+        while True:
+            arbiter.background_gate(max_wait_s=_HANG_S, should_stop=stop.is_set)
             if stop.is_set():
                 break
-            _record(log, "audit", 0.003)
+            with device.hold("audit"):
+                in_segment.release()
+                if not asked.acquire(timeout=_HANG_S) or stop.is_set():
+                    break
+                # predict() reads the clock for its deadline, then once per wait round
+                reads = clock.reads
+                wait_until(
+                    lambda r=reads: clock.reads >= r + 2 or "predict" in device.inside,
+                    "the predict batch to wait for the audit segment",
+                )
         arbiter.background_done()
 
-    worker = threading.Thread(target=audit)
-    worker.start()
-    for _ in range(40):
+    worker = _thread(audit)
+    for _ in range(rounds):
+        assert in_segment.acquire(timeout=_HANG_S)
+        queued[0] = 1  # the batch is queued: the audit must not start its next segment
+        asked.release()
         with arbiter.predict():
-            _record(log, "predict", 0.002)
-        time.sleep(0.001)
+            queued[0] = 0
+            with device.hold("predict"):  # (if it got in early, the audit sees it and ends)
+                wait_until(lambda: "audit" not in device.inside, "the audit segment to end")
+    assert in_segment.acquire(timeout=_HANG_S)  # the audit went on after the last batch
     stop.set()
-    worker.join(timeout=10)
+    asked.release()
+    worker.join(timeout=_HANG_S)
     assert not worker.is_alive()
-    kinds = {who for who, _, _ in log}
-    assert kinds == {"audit", "predict"}  # both made progress
-    spans = sorted(log, key=lambda r: r[1])
-    for (w1, _, end1), (w2, start2, _) in zip(spans, spans[1:]):
-        assert start2 >= end1 - 1e-4, f"{w1} and {w2} overlapped"
+    assert device.overlaps == []
+    assert device.segments == {"audit": rounds + 1, "predict": rounds}
 
 
 def test_audit_waits_for_queued_work_then_progresses_after_max_wait() -> None:
+    """With predict images queued, the gate waits, and goes once max_wait_s has passed on its
+    clock (not before); the time it waited is accounted exactly. With nothing queued it goes
+    at once."""
+    clock = ManualClock(100.0)
     queued = [3]
-    arbiter = DeviceArbiter(lambda: queued[0])
-    t0 = time.monotonic()
-    assert arbiter.background_gate(max_wait_s=0.2) is True  # waited for the queue, then went
-    assert time.monotonic() - t0 >= 0.2
-    assert arbiter.background_active and arbiter.background_wait_s >= 0.2
+    arbiter = DeviceArbiter(lambda: queued[0], clock=clock)
+    went: list[bool] = []
+    audit = _thread(lambda: went.append(arbiter.background_gate(max_wait_s=0.2)))
+    # it reads t0, then the clock once per round: a third read means it has waited a round
+    wait_until(lambda: clock.reads >= 3 or bool(went), "the gate to poll")
+    assert went == []
+    clock.set(100.15)
+    reads = clock.reads
+    wait_until(lambda: clock.reads >= reads + 3 or bool(went), "the gate to poll at 100.15")
+    assert went == [] and not arbiter.background_active  # 0.15 s: still waiting
+    clock.set(100.2)
+    audit.join(timeout=_HANG_S)
+    assert went == [True]  # waited for the queue, then went
+    assert arbiter.background_active and arbiter.background_wait_s == pytest.approx(0.2)
     arbiter.background_done()
     queued[0] = 0
     assert arbiter.background_gate(max_wait_s=5.0) is False  # nothing queued: no wait
+    assert arbiter.background_wait_s == pytest.approx(0.2)
     arbiter.background_done()
 
 
 def test_audit_never_starts_while_a_predict_batch_holds_the_device() -> None:
-    arbiter = DeviceArbiter()
+    """Even with max_wait_s 0 (impatient), the gate waits for a predict batch that computes."""
+    clock = ManualClock()
+    arbiter = DeviceArbiter(clock=clock)
     started = threading.Event()
     release = threading.Event()
 
     def predict() -> None:
         with arbiter.predict():
             started.set()
-            release.wait(10)
+            release.wait(_HANG_S)
 
-    t = threading.Thread(target=predict)
-    t.start()
-    started.wait(10)
+    t = _thread(predict)
+    assert started.wait(_HANG_S)
     went: list[bool] = []
-    audit = threading.Thread(target=lambda: went.append(arbiter.background_gate(max_wait_s=0.0)))
-    audit.start()
-    audit.join(timeout=0.3)
-    assert audit.is_alive() and not arbiter.background_active  # max_wait 0 still waits for it
+    reads = clock.reads
+    audit = _thread(lambda: went.append(arbiter.background_gate(max_wait_s=0.0)))
+    # the gate reads t0, then the clock once per round: a third read means it has waited a round
+    wait_until(lambda: clock.reads >= reads + 3 or bool(went), "the gate to poll")
+    assert went == [] and not arbiter.background_active
     release.set()
-    audit.join(timeout=10)
-    t.join(timeout=10)
+    audit.join(timeout=_HANG_S)
+    t.join(timeout=_HANG_S)
     assert went == [True] and arbiter.background_active
     arbiter.background_done()
 
 
 def test_predict_waits_for_the_running_audit_segment() -> None:
-    arbiter = DeviceArbiter()
+    clock = ManualClock()
+    arbiter = DeviceArbiter(clock=clock)
     arbiter.background_gate(max_wait_s=0.0)
     order: list[str] = []
 
@@ -91,21 +162,38 @@ def test_predict_waits_for_the_running_audit_segment() -> None:
         with arbiter.predict():
             order.append("predict")
 
-    t = threading.Thread(target=predict)
-    t.start()
-    time.sleep(0.1)
+    reads = clock.reads
+    t = _thread(predict)
+    # the deadline read, then one per wait round: a third read means it has waited a round
+    wait_until(lambda: clock.reads >= reads + 3 or bool(order), "predict() to wait")
     order.append("segment ends")
     arbiter.background_done()
-    t.join(timeout=10)
+    t.join(timeout=_HANG_S)
     assert order == ["segment ends", "predict"]
 
 
 def test_stop_request_returns_without_starting_a_segment() -> None:
-    arbiter = DeviceArbiter(lambda: 1)
+    """A gate waiting for queued work (with all the patience in the world) returns as soon as
+    should_stop() turns true, without starting a segment."""
+    clock = ManualClock()
+    arbiter = DeviceArbiter(lambda: 1, clock=clock)
     flag = threading.Event()
-    threading.Timer(0.1, flag.set).start()
-    arbiter.background_gate(max_wait_s=60.0, should_stop=flag.is_set)
-    assert flag.is_set() and not arbiter.background_active
+    went: list[bool] = []
+    audit = _thread(
+        lambda: went.append(arbiter.background_gate(max_wait_s=60.0, should_stop=flag.is_set))
+    )
+    wait_until(lambda: clock.reads >= 3 or bool(went), "the gate to poll")
+    assert went == [] and not arbiter.background_active  # waiting for the queue
+    reads = clock.reads
+    flag.set()
+    # a second read after the flag is set comes from a round that saw the flag: it should have
+    # returned instead
+    wait_until(lambda: bool(went) or clock.reads >= reads + 2, "the gate to return")
+    audit.join(timeout=_HANG_S)
+    assert went == [True] and not arbiter.background_active
+    # asked to stop before it starts: returns at once, without waiting
+    assert arbiter.background_gate(max_wait_s=60.0, should_stop=lambda: True) is False
+    assert not arbiter.background_active
 
 
 def test_device_thread_keeps_its_torch_threads_when_an_audit_thread_uses_one() -> None:

@@ -1,4 +1,5 @@
-"""Audit engine: report schema, statistics, cancel + resume = uninterrupted, CLI outputs."""
+"""Audit engine: suites, report schema, statistics, sanity checks, the non-standard label,
+cancel + resume = uninterrupted, CLI outputs."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from deqguard.audit import (
     write_plots,
 )
 from deqguard.defense import DefenseParams, defended_forward
+from tests._toys import MisleadingImageDEQ, mean_half_images
 
 DEFENSE = DefenseParams(R=1, Tf=1)
 
@@ -31,15 +33,25 @@ def data():
 
 
 def _cfg(**kw) -> AuditConfig:
-    base = dict(model="t", suite="quick", n=4, batch_size=2, steps=2, pgd_steps=1, defense=DEFENSE)
+    base = dict(
+        model="t",
+        suite="quick",
+        n=4,
+        batch_size=2,
+        steps=2,
+        pgd_steps=1,
+        apgd_iters=2,
+        defense=DEFENSE,
+    )
     base.update(kw)
     return AuditConfig(**base)
 
 
 def _strip(report: dict) -> dict:
-    """The report without wall-clock figures (total and per attack)."""
+    """The report without wall-clock figures (total, per attack, sanity checks)."""
     out = {k: v for k, v in report.items() if k != "elapsed_s"}
     out["attacks"] = [{k: v for k, v in a.items() if k != "seconds"} for a in report["attacks"]]
+    out["sanity"] = {k: v for k, v in report["sanity"].items() if k != "seconds"}
     return out
 
 
@@ -69,9 +81,179 @@ def test_config_validation() -> None:
         labels=torch.zeros(4, dtype=torch.long),
     ).report([])
     assert any("AutoAttack not run" in note for note in no_aa["notes"])
-    kinds = {p.kind for p in build_suite(_cfg(suite="adaptive"))}
-    assert kinds == {"bpda", "exact", "square"}
+    with pytest.raises(ValueError, match="apgd_targets"):
+        _cfg(apgd_targets=0)
     assert AuditConfig.from_dict(_cfg().to_dict()) == _cfg()
+
+
+def _kinds(suite: str, defense: str, **kw) -> set[tuple[str, str]]:
+    plans = build_suite(AuditConfig(model="t", suite=suite, defense=defense, **kw))
+    return {(p.kind, p.grad) for p in plans}
+
+
+UNDEFENDED_APGD = {("apgd-ce", "undefended"), ("apgd-t", "undefended")}
+
+
+def test_suites_contain_the_attacks_that_matter() -> None:
+    """By (kind, gradient): quick = PGD + APGD-CE + APGD-T on the undefended served prediction,
+    plus BPDA APGD-T through the defense when it is on; paper = the 144-attack grid +
+    AutoAttack; adaptive = the undefended APGD (transfer), BPDA and exact APGD-CE/T, Square."""
+    assert _kinds("quick", "off") == {("pgd", "undefended")} | UNDEFENDED_APGD
+    assert _kinds("quick", "paper") == {("pgd", "undefended"), ("apgd-t", "bpda")} | UNDEFENDED_APGD
+    quick = build_suite(AuditConfig(model="t", suite="quick", defense="paper"))
+    for p in quick:
+        if p.kind.startswith("apgd"):
+            assert p.iters == 100
+        if p.kind == "apgd-t":
+            assert p.targets >= 3
+    assert {p.select for p in quick if p.grad == "bpda"} == {"defended"}
+    assert {p.select for p in quick if p.grad == "undefended"} == {"undefended"}
+    paper = build_suite(AuditConfig(model="t", suite="paper"))
+    assert [p.kind for p in paper].count("pgd") == 144 and paper[-1].kind == "autoattack"
+    through = {(k, g) for k in ("apgd-ce", "apgd-t") for g in ("bpda", "exact")}
+    assert _kinds("adaptive", "paper") == UNDEFENDED_APGD | through | {("square", "none")}
+    assert _kinds("adaptive", "off") == UNDEFENDED_APGD | {("square", "none")}
+    adaptive = build_suite(AuditConfig(model="t", suite="adaptive", defense="paper"))
+    assert all(p.restarts >= 3 for p in adaptive if p.kind == "apgd-ce")
+    assert all(p.targets >= 3 for p in adaptive if p.kind == "apgd-t")
+    assert ("pgd", "source-model") in _kinds("adaptive", "paper", transfer_from="other")
+
+
+def _toy_audit(**kw) -> dict:
+    base = dict(model="toy", defense="off", n=4, batch_size=4, steps=4)
+    base.update(kw)
+    x, y = mean_half_images(4), torch.zeros(4, dtype=torch.long)
+    return AuditRunner(
+        AuditConfig(**base), model=MisleadingImageDEQ().eval(), images=x, labels=y
+    ).run()
+
+
+def test_quick_suite_finds_what_pgd10_misses() -> None:
+    """On the toy, CE points away from the reachable wrong class: PGD-10 (with restarts, on
+    every Eq. 11 surrogate the former quick suite used, or on the served prediction) leaves
+    every image correct; APGD-T in the new quick suite breaks them all."""
+    old = _toy_audit(suite="paper", grid="quick", autoattack=False, pgd_restarts=2)
+    assert old["worst_case"]["correct"] == 4
+    new = _toy_audit(suite="quick", pgd_restarts=2)
+    validate_report(new)
+    robust = {a["name"]: a["robust"]["correct"] for a in new["attacks"]}
+    assert robust["pgd-undefended"] == 4 and robust["apgd-ce"] == 4
+    assert robust["apgd-t"] == 0 and new["worst_case"]["correct"] == 0
+    assert new["headline"]["robust"]["correct"] == 0 and new["headline"]["attack"] == "apgd-t"
+
+
+def test_sanity_section_runs_and_reports_every_check() -> None:
+    report = _toy_audit(suite="quick", sanity_images=3)
+    sanity = report["sanity"]
+    assert sanity["n"] == 3  # the attacked images among the first 3
+    names = [c["name"] for c in sanity["checks"]]
+    assert names == ["large_eps", "more_steps", "more_restarts", "transfer_vs_white_box"]
+    runs = sanity["runs"]
+    assert set(runs) == {"large_eps", "pgd", "pgd_more_steps", "pgd_more_restarts"}
+    assert runs["large_eps"]["eps"] == pytest.approx(32 / 255) and runs["large_eps"]["n"] == 3
+    assert runs["pgd_more_steps"]["steps"] == 4 * runs["pgd"]["steps"]
+    assert runs["pgd_more_restarts"]["restarts"] == 3
+    # the toy falls at 32/255 (class 1 comes in reach) and resists PGD at 8/255
+    assert runs["large_eps"]["correct"] == 0 and runs["pgd"]["correct"] == 3
+    assert sanity["checks"][0]["values"]["accuracy"] == 0.0
+    status = {c["name"]: c["status"] for c in sanity["checks"]}
+    assert status == {
+        "large_eps": "pass",
+        "more_steps": "pass",
+        "more_restarts": "pass",
+        "transfer_vs_white_box": "n/a",  # the defense is off: nothing is a transfer attack
+    }
+    summary = markdown_summary(report)
+    assert "## Sanity checks: PASS" in summary and "**PASS** `large_eps`" in summary
+
+
+def _sanity_batch(runs: dict[str, list[bool]], attacks: list[list[bool]]) -> dict:
+    return {
+        "index": 0,
+        "labels": [0, 0, 0, 0],
+        "clean_correct": [True] * 4,
+        "clean_entropy": [0.1] * 4,
+        "clean_step_entropy_sum": [1.0],
+        "clean_undefended_step_entropy_sum": [1.0],
+        "attacks": [
+            {
+                "correct": c,
+                "entropy": [0.2] * 4,
+                "step_entropy_sum": [1.0],
+                "undefended_step_entropy_sum": [1.0],
+                "state_dev_sum": [0.0],
+            }
+            for c in attacks
+        ],
+        "sanity": {"rows": [0, 1, 2, 3], "runs": runs, "seconds": 0.5},
+    }
+
+
+def test_sanity_checks_flag_what_they_should() -> None:
+    plans = [
+        {"name": "apgd-t", "kind": "apgd-t", "spec": None, "grad": "undefended"},
+        {"name": "bpda-apgd-t", "kind": "apgd-t", "spec": None, "grad": "bpda"},
+    ]
+    good = {
+        "large_eps": [False] * 4,
+        "pgd": [True, True, False, False],
+        "pgd_more_steps": [True, False, False, False],
+        "pgd_more_restarts": [True, True, False, False],
+    }
+    setup = {"defense_active": True}
+    fine = build_report({}, {}, plans, [_sanity_batch(good, [[True, True, True, False],
+                        [True, True, False, False]])], total_batches=1, sanity_setup=setup)  # fmt: skip
+    assert fine["sanity"]["status"] == "pass"
+    assert all(c["status"] == "pass" for c in fine["sanity"]["checks"])
+    bad = {
+        "large_eps": [True, True, True, False],  # 75% at 32/255 (95% CI from 30%)
+        "pgd": [True, False, False, False],
+        "pgd_more_steps": [True, True, False, False],  # more steps, higher accuracy
+        "pgd_more_restarts": [True, True, True, False],  # more restarts, higher accuracy
+    }
+    # and the transfer attack (0/4) beats every white-box one (bpda-apgd-t 2/4, sanity pgd 1/4)
+    flagged = build_report({}, {}, plans, [_sanity_batch(bad, [[False] * 4,
+                           [True, True, False, False]])], total_batches=1, sanity_setup=setup)  # fmt: skip
+    status = {c["name"]: c["status"] for c in flagged["sanity"]["checks"]}
+    assert status == {
+        "large_eps": "flag",
+        "more_steps": "flag",
+        "more_restarts": "flag",
+        "transfer_vs_white_box": "flag",
+    }
+    values = flagged["sanity"]["checks"][3]["values"]
+    assert values["strongest_transfer"] == "apgd-t" and values["transfer"]["apgd-t"] == 0.0
+    assert values["white_box"]["sanity:pgd"] == 0.25
+    assert flagged["sanity"]["status"] == "flag"
+    assert "**FLAG** `transfer_vs_white_box`" in markdown_summary(flagged)
+    # without a sanity record the section says so
+    assert build_report({}, {}, [], [], total_batches=0)["sanity"]["status"] == "not run"
+
+
+def test_non_standard_label_when_autoattack_is_off() -> None:
+    def report(**kw) -> tuple[dict, AuditRunner]:
+        runner = AuditRunner(
+            AuditConfig(model="t", **kw),
+            model=torch.nn.Identity(),  # report() needs no model
+            images=torch.zeros(4, 3, 32, 32),
+            labels=torch.zeros(4, dtype=torch.long),
+        )
+        return runner.report([]), runner
+
+    no_aa, _ = report(suite="paper", autoattack=False)
+    assert any("AutoAttack not run" in r for r in no_aa["non_standard"])
+    assert no_aa["headline"]["standard"] is False
+    text = markdown_summary(no_aa)
+    assert "**Non-standard evaluation**: AutoAttack not run" in text
+    assert "NON-STANDARD run: not a headline figure" in text
+    assert "headline (min over attacks" not in text
+    standard, runner = report(suite="paper")
+    assert standard["non_standard"] == [] and standard["headline"]["standard"] is True
+    assert "headline (min over attacks" in markdown_summary(standard)
+    assert report(suite="quick")[0]["non_standard"] == []
+    runner.plans = runner.plans[:1]  # the admin's smoke suite
+    assert any("only 1 of the suite's 145" in r for r in runner.report([])["non_standard"])
+    assert any("APGD with 5" in r for r in report(suite="quick", apgd_iters=5)[0]["non_standard"])
 
 
 def _record(correct: list[bool], entropy: list[float]) -> dict:
@@ -171,7 +353,7 @@ def test_adaptive_suite_report_plots_and_summary(model, data, tmp_path) -> None:
     cfg = _cfg(suite="adaptive", n=2, square_queries=2, adaptive_ka=1, attack_misclassified=True)
     report = AuditRunner(cfg, model=model, images=x, labels=y).run()
     validate_report(report)
-    assert len(report["attacks"]) == 4
+    assert len(report["attacks"]) == 7
     assert len(report["attacks"][0]["state_deviation"]) == 2
     assert any("Square with 2 queries" in n for n in report["notes"])
     plots = write_plots(report, tmp_path)

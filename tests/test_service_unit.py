@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from pathlib import Path
 
 import httpx
@@ -15,168 +14,211 @@ from fastapi import APIRouter, Depends
 from PIL import Image
 
 from service.batcher import Batcher, Job
-from service.errors import BatchFailed, DeadlineExceeded, PayloadTooLarge, QueueFull
+from service.errors import (
+    BatchFailed,
+    DeadlineExceeded,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+)
 from service.imaging import decode_image, encode_png
 from service.settings import ServiceSettings, format_settings_error, load_settings
+from tests._virtual_time import VirtualClock, run_virtual
 
 
 # --------------------------------------------------------------------------------- batcher
-def _job(loop: asyncio.AbstractEventLoop, tag: float, n: int = 1, deadline_s: float = 30.0) -> Job:
+# The batcher's policy is time-based, so these tests run it on a virtual-time event loop with a
+# fake device whose compute takes virtual time (tests/_virtual_time.py): every wait, arrival and
+# compute ends at an exact virtual moment, and batch composition and queue times are the same on
+# any machine under any load. Times below are seconds after the test's t0.
+def _job(clock: VirtualClock, tag: float, n: int = 1, deadline_s: float = 30.0) -> Job:
     return Job(
         model="m",
         images=torch.full((n, 3, 32, 32), tag),
         params=[None] * n,
-        deadline=time.monotonic() + deadline_s,
-        future=loop.create_future(),
+        deadline=clock() + deadline_s,
+        future=asyncio.get_running_loop().create_future(),
+        enqueued=clock(),
     )
 
 
-def _tag_runner(calls: list[int], poison: float | None = None, delay: float = 0.0):
-    def run(model: str, images: torch.Tensor, params: list) -> tuple[list[float], str]:
-        calls.append(images.shape[0])
-        time.sleep(delay)
+class _Device:
+    """Fake runner: answers each image with its tag after ``delay`` virtual seconds (raising
+    after them when ``poison`` is in the batch); records batch sizes and compute spans."""
+
+    def __init__(self, clock: VirtualClock, delay: float = 0.0, poison: float | None = None):
+        self.clock = clock
+        self.delay = delay
+        self.poison = poison
+        self.t0 = clock()
+        self.calls: list[int] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) - t0
+
+    def __call__(self, model: str, images: torch.Tensor, params: list) -> tuple[list[float], str]:
+        start = self.clock() - self.t0
+        self.calls.append(images.shape[0])
+        self.clock.sleep(self.delay)
+        self.spans.append((start, self.clock() - self.t0))
         tags = images[:, 0, 0, 0].tolist()
-        if poison is not None and poison in tags:
+        if self.poison is not None and self.poison in tags:
             raise RuntimeError("CUDA out of memory (simulated)")
         return tags, "served"
 
-    return run
+    @property
+    def starts(self) -> list[float]:
+        return [round(a, 6) for a, _ in sorted(self.spans)]
 
 
 def test_batcher_batches_and_splits_results() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
-        b = Batcher(_tag_runner(calls), max_batch=8, max_delay_s=0.05, queue_size=64)
+    """Three jobs at once, 6 images < max_batch 8: they wait max_delay for company (no more),
+    share one batch, and each gets its own outputs."""
+
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock)
+        b = Batcher(device, max_batch=8, max_delay_s=0.05, queue_size=64, clock=clock)
         b.start()
-        jobs = [_job(loop, float(i), n=2) for i in range(3)]
+        jobs = [_job(clock, float(i), n=2) for i in range(3)]
         for j in jobs:
             b.submit(j)
         results = await asyncio.gather(*(j.future for j in jobs))
-        assert calls == [6]
+        assert device.calls == [6]
         assert [r.outputs for r in results] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
-        assert all(r.batch_size == 6 for r in results)
+        assert all(r.batch_size == 6 and r.model == "served" for r in results)
+        assert [r.queue_s for r in results] == pytest.approx([0.05] * 3, abs=1e-9)
         await b.stop()
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
-@pytest.mark.parametrize("fill_fraction, second_batch", [(0.0, 4), (0.5, 8)])
+@pytest.mark.parametrize(
+    ("fill_fraction", "calls", "second_start"),
+    [(0.0, [4, 4, 4, 4], 0.401), (0.5, [4, 8, 4], 0.421)],
+)
 def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
-    fill_fraction: float, second_batch: int
+    fill_fraction: float, calls: list[int], second_start: float
 ) -> None:
-    """Closed loop, 8 clients, batches of up to 8: 4 clients start, 4 arrive while the first
-    batch computes. Without filling, the batches alternate between the two halves; with it, the
-    first half's clients (answered, back 20 ms later) join the second half in one batch."""
+    """Closed loop, 8 clients of 2 requests, batches of up to 8, 0.4 s of compute: 4 clients
+    start at 0, 4 arrive at 0.1 while the first batch (0.001-0.401) computes. Without filling,
+    the second half starts alone when the device frees up and the batches alternate between the
+    halves; with it (fill 0.2 s, 4 arrivals in 0.4 s expect company), the first half's clients,
+    answered and back 0.02 s later, join the second half: one full batch at 0.421, not at the
+    end of the 0.2 s fill (it is full)."""
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.4)
         b = Batcher(
-            _tag_runner(calls, delay=0.4),
+            device,
             max_batch=8,
             max_delay_s=0.001,
             queue_size=64,
             fill_fraction=fill_fraction,
+            clock=clock,
         )
         b.start()
 
         async def client(tag: float, start_s: float) -> None:
             await asyncio.sleep(start_s)
             for _ in range(2):
-                job = _job(loop, tag)
+                job = _job(clock, tag)
                 b.submit(job)
                 await job.future
                 await asyncio.sleep(0.02)  # the client's turnaround
 
         await asyncio.gather(*(client(float(i), 0.0 if i < 4 else 0.1) for i in range(8)))
-        assert calls[0] == 4 and calls[1] == second_batch
+        assert device.calls == calls
+        assert device.starts[:2] == [0.001, second_start]
         await b.stop()
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
-@pytest.mark.parametrize(("fill_fraction", "full_batches"), [(0.0, (0, 1)), (0.5, (3, 4))])
+@pytest.mark.parametrize(
+    ("fill_fraction", "calls"),
+    [(0.0, [8, 1, 7, 1, 7, 1, 7, 1, 7]), (0.5, [8, 1, 8, 8, 8, 7])],
+)
 def test_after_a_full_batch_the_next_waits_for_the_clients_it_answered(
-    fill_fraction: float, full_batches: tuple[int, int]
+    fill_fraction: float, calls: list[int]
 ) -> None:
-    """Closed loop, 8 clients, batches of up to 8, nobody queued while a batch computes: the
-    answered clients come back spread over 30 ms (the event loop answers them one by one).
-    Without filling, the first to return starts a small batch and the load splits; with it
-    (once the arrival rate is known), each batch waits for all eight."""
+    """Closed loop, 8 clients of 5 requests, batches of up to 8, 0.3 s of compute, all eight
+    start together (nobody is queued while the first batch computes): the answered clients come back spread over 30 ms (client i after
+    2 + 4i ms). Without filling, the first to return starts a batch alone and the load stays
+    split 1 + 7; with it, as soon as an arrival rate is known (the 7 that arrived during the
+    second batch), each batch waits for all eight (every gap is under fill_gap_s 20 ms); the
+    last one lacks client 0, which is done."""
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.3)
         b = Batcher(
-            _tag_runner(calls, delay=0.3),
+            device,
             max_batch=8,
             max_delay_s=0.001,
             queue_size=64,
             fill_fraction=fill_fraction,
             fill_gap_s=0.02,
+            clock=clock,
         )
         b.start()
 
         async def client(i: int) -> None:
             for _ in range(5):
-                job = _job(loop, float(i))
+                job = _job(clock, float(i))
                 b.submit(job)
                 await job.future
                 await asyncio.sleep(0.002 + 0.004 * i)  # staggered returns
 
         await asyncio.gather(*(client(i) for i in range(8)))
         await b.stop()
-        full = calls[2:].count(8)  # from the third batch on, the rate estimate exists
-        assert full_batches[0] <= full <= full_batches[1], calls
+        assert device.calls == calls
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
 def test_sparse_requests_that_meet_a_busy_device_do_not_wait_to_fill() -> None:
     """One request every 0.4 s, each computing 0.5 s: a request that arrives while the device is
     busy starts as soon as it frees up, because no company is expected within the 0.25 s fill."""
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.5)
         b = Batcher(
-            _tag_runner(calls, delay=0.5),
+            device,
             max_batch=8,
             max_delay_s=0.001,
             queue_size=64,
             fill_fraction=0.5,  # fill after a 0.5 s batch: 0.25 s
+            clock=clock,
         )
         b.start()
         jobs = []
         for i in range(3):
-            jobs.append(_job(loop, float(i)))
+            jobs.append(_job(clock, float(i)))
             b.submit(jobs[-1])
             await asyncio.sleep(0.4)  # the next one arrives while this one computes
         results = await asyncio.gather(*(j.future for j in jobs))
-        assert calls == [1, 1, 1]
+        assert device.calls == [1, 1, 1]
         assert b._busy_rate * b.fill_wait_s() < 1.0 and b.fill_wait_s() == 0.25
-        # they waited only for the batch ahead (about 0.1 and 0.2 s), never the extra 0.25 s fill
-        assert all(r.queue_s < 0.3 for r in results), [r.queue_s for r in results]
+        # the first waits max_delay, the others only for the batch ahead (which frees the device
+        # at 0.501 and 1.001), never the extra 0.25 s fill
+        queue_s = [r.queue_s for r in results]
+        assert queue_s == pytest.approx([0.001, 0.101, 0.201], abs=1e-9)
         await b.stop()
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
 def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
+    async def main(clock: VirtualClock) -> None:
         failures: list[int] = []
+        device = _Device(clock, poison=5.0)
         b = Batcher(
-            _tag_runner(calls, poison=5.0),
+            device,
             max_batch=8,
             max_delay_s=0.05,
             queue_size=64,
             on_failure=lambda: failures.append(1),
+            clock=clock,
         )
         b.start()
-        jobs = [_job(loop, float(i)) for i in range(8)]
+        jobs = [_job(clock, float(i)) for i in range(8)]
         for j in jobs:
             b.submit(j)
         done = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
@@ -185,45 +227,50 @@ def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
                 assert isinstance(r, BatchFailed) and "out of memory" in str(r)
             else:
                 assert r.outputs == [float(i)]
-        assert calls[0] == 8 and len(failures) == 4  # 8 -> 4 -> 2 -> 1 failed
+        # 8 fails; 0-3 pass, 4-7 fail; 4-5 fail; 4 passes, 5 fails; 6-7 pass
+        assert device.calls == [8, 4, 4, 2, 1, 1, 2] and len(failures) == 4
         # the worker survives
-        again = _job(loop, 1.0)
+        again = _job(clock, 1.0)
         b.submit(again)
         assert (await again.future).outputs == [1.0]
         await b.stop()
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
 def test_queue_bound_deadline_and_cancel() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        calls: list[int] = []
-        b = Batcher(
-            _tag_runner(calls, delay=0.3),
-            max_batch=1,
-            max_delay_s=0.0,
-            queue_size=2,
-        )
+    """One image per batch, 0.3 s each. While the first computes, three jobs queue (the bound):
+    one whose deadline (0.15) passes before the device frees up at 0.3, one whose deadline (1.0)
+    does not, one that is withdrawn; a fourth is refused with 429."""
+
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.3)
+        b = Batcher(device, max_batch=1, max_delay_s=0.0, queue_size=3, clock=clock)
         b.start()
-        first = _job(loop, 0.0)
+        first = _job(clock, 0.0)
         b.submit(first)
-        await asyncio.sleep(0.05)  # first is computing now
-        late = _job(loop, 1.0, deadline_s=0.1)
-        cancelled = _job(loop, 2.0)
-        b.submit(late)
-        b.submit(cancelled)
+        await asyncio.sleep(0.05)
+        assert first.started and device.calls == [1]  # computing until 0.3
+        late = _job(clock, 1.0, deadline_s=0.1)
+        on_time = _job(clock, 2.0, deadline_s=0.95)
+        cancelled = _job(clock, 3.0)
+        for j in (late, on_time, cancelled):
+            b.submit(j)
         with pytest.raises(QueueFull) as full:
-            b.submit(_job(loop, 3.0))
-        assert full.value.headers["Retry-After"].isdigit()
-        assert b.cancel(cancelled) and b.queued_images == 1
+            b.submit(_job(clock, 4.0))
+        assert full.value.headers["Retry-After"] == "1"  # 3 images x 0.05 s, rounded up
+        assert b.cancel(cancelled) and b.queued_images == 2
+        assert cancelled.future.cancelled() and not b.cancel(cancelled)
         assert (await first.future).outputs == [0.0]
         with pytest.raises(DeadlineExceeded):
             await late.future
-        assert calls == [1]  # the late and the cancelled job never reached the device
+        result = await on_time.future
+        assert result.outputs == [2.0] and result.queue_s == pytest.approx(0.25, abs=1e-9)
+        # the late and the cancelled job never reached the device
+        assert device.calls == [1, 1] and device.starts == [0.0, 0.3]
         await b.stop()
 
-    asyncio.run(main())
+    run_virtual(main)
 
 
 # --------------------------------------------------------------------------------- imaging
@@ -340,41 +387,39 @@ def test_manifest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
         pool.manifest(None)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_device_workers_compute_batches_side_by_side(workers: int) -> None:
-    """Batches of one image each, 0.3 s of compute: one worker runs them one after another,
-    two workers two at a time; every job gets its own answer, and stop() lets running batches
-    finish and answer."""
+@pytest.mark.parametrize(
+    ("workers", "starts"), [(1, [0.0, 0.3, 0.6, 0.9]), (2, [0.0, 0.0, 0.3, 0.3])]
+)
+def test_device_workers_compute_batches_side_by_side(workers: int, starts: list[float]) -> None:
+    """Four batches of one image, 0.3 s of compute each: one worker runs them one after
+    another, two workers two at a time; every job gets its own answer, and stop() lets the
+    batches already computing finish and answer while jobs still queued get 503."""
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        spans: list[tuple[float, float]] = []
-
-        def run(model: str, images: torch.Tensor, params: list) -> tuple[list[float], str]:
-            t0 = time.monotonic()
-            time.sleep(0.3)
-            spans.append((t0, time.monotonic()))
-            return images[:, 0, 0, 0].tolist(), "served"
-
-        b = Batcher(run, max_batch=1, max_delay_s=0.0, queue_size=64, workers=workers)
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.3)
+        b = Batcher(
+            device, max_batch=1, max_delay_s=0.0, queue_size=64, workers=workers, clock=clock
+        )
         assert b.torch_threads >= 1
         b.start()
-        jobs = [_job(loop, float(i)) for i in range(4)]
+        jobs = [_job(clock, float(i)) for i in range(4)]
         for j in jobs:
             b.submit(j)
-        done = await asyncio.gather(*(j.future for j in jobs[:2]))
-        assert [r.outputs[0] for r in done] == [0.0, 1.0]
-        await b.stop()  # the batches already running still answer
-        finished = [j for j in jobs if j.future.done() and not j.future.exception()]
-        overlaps = sum(
-            1 for i, a in enumerate(spans) for c in spans[i + 1 :] if c[0] < a[1] and a[0] < c[1]
-        )
-        if workers == 1:
-            assert overlaps == 0
-        else:
-            assert overlaps >= 1
-        assert len(finished) >= 2 and all(
-            j.future.result().outputs[0] == float(jobs.index(j)) for j in finished
-        )
+        results = await asyncio.gather(*(j.future for j in jobs))
+        assert [r.outputs[0] for r in results] == [0.0, 1.0, 2.0, 3.0]
+        assert device.starts == starts  # one worker: end to end; two: pairs side by side
 
-    asyncio.run(main())
+        # stop() while batches compute: they still answer, the queued rest get 503
+        t0 = clock() - device.t0
+        more = [_job(clock, float(10 + i)) for i in range(workers + 2)]
+        for j in more:
+            b.submit(j)
+        await asyncio.sleep(0.1)  # the first `workers` of them are computing until t0 + 0.3
+        await b.stop()
+        running, queued = more[:workers], more[workers:]
+        assert all(j.started for j in running) and not any(j.started for j in queued)
+        assert [j.future.result().outputs[0] for j in running] == [10.0 + i for i in range(workers)]
+        assert all(isinstance(j.future.exception(), NotReady) for j in queued)
+        assert device.starts[4:] == [round(t0, 6)] * workers
+
+    run_virtual(main)

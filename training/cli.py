@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON or TOML file of options (keys as the flags)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from <out_dir>/<name>/state.{safetensors,json} if present"
+        "--resume",
+        action="store_true",
+        help="continue from <out_dir>/<name>/state.{safetensors,json} if present",
     )
     parser.add_argument(
         "--max-new-steps", type=int, default=None, help="stop after this many steps (testing)"

@@ -635,7 +635,9 @@ class Trainer:
             if score >= self.state.best_score:
                 self.state.best_score = score
                 self.state.best_step = self.state.step
-                write_best(self.run_dir, self.model.state_dict(), {"step": self.state.step, **metrics})
+                write_best(
+                    self.run_dir, self.model.state_dict(), {"step": self.state.step, **metrics}
+                )
         self.dist.barrier()
 
     def _progress(self) -> Any:

@@ -1,6 +1,8 @@
 """Attacks: PGD on any surrogate, Eq. 11 intermediate-state surrogates, AutoAttack with a
-surrogate-gradient / defended-decision wrapper, and adaptive attacks through the defense."""
+surrogate-gradient / defended-decision wrapper, adaptive attacks through the defense, and APGD
+on the served prediction (straight-through surrogate)."""
 
+from deqguard.attacks.apgd import ApgdLoss, ServedSurrogate, apgd_attack
 from deqguard.attacks.autoattack import (
     AutoAttackConfig,
     SurrogateDecision,
@@ -23,6 +25,7 @@ from deqguard.attacks.surrogates import (
 
 __all__ = [
     "NAMED_SUBSETS",
+    "ApgdLoss",
     "AttackResult",
     "AutoAttackConfig",
     "Decider",
@@ -31,7 +34,9 @@ __all__ = [
     "IntermediateSurrogate",
     "PGDConfig",
     "Surrogate",
+    "ServedSurrogate",
     "SurrogateDecision",
+    "apgd_attack",
     "defended_decider",
     "intermediate_grid",
     "intermediate_subset",

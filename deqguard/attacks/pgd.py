@@ -1,7 +1,16 @@
 """Projected gradient descent under l_inf on any surrogate, judged by any decider; transfer.
 
-Batched over samples; restarts keep, per sample, the first adversarial example the decider gets
-wrong (or else the one with the highest surrogate loss).
+Batched over samples. Every iterate (the start and the point after each step, the last one
+included) is judged, and the attack keeps, per sample, the first iterate the judge gets wrong:
+an image fooled at any step counts as fooled, and the example returned is that fooling iterate.
+Samples not fooled by any iterate of any restart keep the iterate with the highest surrogate loss.
+A fooled sample stops being attacked (later steps and restarts run on the others only).
+
+The judge is ``decider`` when given, else the surrogate's own logits at that iterate (free: they
+were computed for the gradient). A straight-through surrogate whose value is the served
+prediction (:class:`deqguard.attacks.ServedSurrogate`) is thus judged by the served prediction at
+no extra cost. ``PGDConfig(every_iterate=False)`` judges only the last iterate of each restart
+(the paper's PGD protocol).
 """
 
 from __future__ import annotations
@@ -21,13 +30,19 @@ __all__ = ["AttackResult", "PGDConfig", "pgd_attack", "project_linf", "transfer_
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """l_inf PGD. Defaults: the paper's PGD-10 (8/255, step 2/255, uniform random start)."""
+    """l_inf PGD. Defaults: the paper's PGD-10 (8/255, step 2/255, uniform random start).
+
+    ``every_iterate``: judge every iterate and keep the first fooling one (default); False judges
+    the last iterate of each restart only. ``restarts``: random restarts; each runs on the samples
+    no earlier restart fooled.
+    """
 
     eps: float = 8 / 255
     steps: int = 10
     step_size: float = 2 / 255
     random_start: bool = True
     restarts: int = 1
+    every_iterate: bool = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.eps) or self.eps < 0:
@@ -45,8 +60,8 @@ class PGDConfig:
 
 @dataclass
 class AttackResult:
-    """x_adv [B, 3, H, W] (within eps of x, in [0, 1]); logits [B, C] of the decider on x_adv;
-    correct [B] bool (decider still right); loss [B] surrogate CE at x_adv."""
+    """x_adv [B, 3, H, W] (within eps of x, in [0, 1]); logits [B, C] of the judge on x_adv;
+    correct [B] bool (no iterate fooled the judge); loss [B] surrogate CE at x_adv."""
 
     x_adv: Tensor
     logits: Tensor
@@ -59,13 +74,20 @@ def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
-def _loss(surrogate: Surrogate, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample CE [B] and its gradient to x_adv."""
+def _loss(
+    surrogate: Surrogate, x_adv: Tensor, y: Tensor, grad: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-sample CE [B], its gradient to x_adv (None unless ``grad``) and the logits [B, C]."""
+    if not grad:
+        with torch.no_grad():
+            logits = surrogate(x_adv.detach()).float()
+            return F.cross_entropy(logits, y, reduction="none"), None, logits
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(surrogate(x_adv).float(), y, reduction="none")
+        logits = surrogate(x_adv).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
         (g,) = torch.autograd.grad(loss.sum(), x_adv)
-    return loss.detach(), g
+    return loss.detach(), g, logits.detach()
 
 
 def pgd_attack(
@@ -79,42 +101,67 @@ def pgd_attack(
 ) -> AttackResult:
     """Maximise CE(surrogate(x_adv), y) over the l_inf ball; judge with ``decider``.
 
-    x [B, 3, H, W] in [0, 1]; y [B] int64. The decider defaults to the surrogate itself.
-    ``generator`` seeds the random starts (CPU generator; noise is moved to x's device).
+    x [B, 3, H, W] in [0, 1]; y [B] int64. The judge defaults to the surrogate itself.
+    ``generator`` seeds the random starts (CPU generator; noise is moved to x's device). Each
+    restart draws noise for the whole batch, so a sample's start does not depend on which
+    others an earlier restart fooled.
     """
     cfg = config or PGDConfig()
     x = x.detach()
+    batch = x.shape[0]
     best_x = x.clone()
-    best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    best_loss = torch.full((batch,), -float("inf"), device=x.device)
     best_logits: Tensor | None = None
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    fooled = torch.zeros(batch, dtype=torch.bool, device=x.device)
+
+    def judge(xs: Tensor, s_logits: Tensor) -> Tensor:
+        if decider is None:
+            return s_logits
+        with torch.no_grad():
+            return decider(xs).float()
+
     for _ in range(cfg.restarts):
+        noise = None
         if cfg.random_start and cfg.eps > 0:
             noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x_adv = project_linf(x + (2 * noise - 1) * cfg.eps, x, cfg.eps)
-        else:
-            x_adv = x.clone()
-        for _ in range(cfg.steps):
-            _, g = _loss(surrogate, x_adv, y)
-            x_adv = project_linf(x_adv + cfg.step_size * g.sign(), x, cfg.eps)
-        with torch.no_grad():
-            s_logits = surrogate(x_adv).float()
-            loss = F.cross_entropy(s_logits, y, reduction="none")
-            logits = s_logits if decider is None else decider(x_adv)
-        wrong = logits.argmax(1) != y
-        # Take this restart where it fools and nothing before did, or where none fools yet and
-        # its loss is higher.
-        take = (wrong & ~fooled) | (~fooled & ~wrong & (loss > best_loss))
-        best_x = torch.where(take[:, None, None, None], x_adv, best_x)
-        best_loss = torch.where(take, loss, best_loss)
-        best_logits = (
-            logits if best_logits is None else torch.where(take[:, None], logits, best_logits)
-        )
-        fooled = fooled | wrong
-        if bool(fooled.all()):
+        rows = (~fooled).nonzero().squeeze(1)  # the samples this restart attacks
+        if rows.numel() == 0:
             break
+        x0, y0 = x[rows], y[rows]
+        if noise is not None:
+            xa = project_linf(x0 + (2 * noise[rows] - 1) * cfg.eps, x0, cfg.eps)
+        else:
+            xa = x0.clone()
+        live = torch.arange(rows.numel(), device=x.device)  # positions in rows still attacked
+        for t in range(cfg.steps + 1):
+            last = t == cfg.steps
+            xs, ys = xa[live], y0[live]
+            loss, g, s_logits = _loss(surrogate, xs, ys, grad=not last)
+            if cfg.every_iterate or last:
+                logits = judge(xs, s_logits)
+                if best_logits is None:
+                    best_logits = torch.zeros(batch, logits.shape[1], device=x.device)
+                wrong = logits.argmax(1) != ys
+                at = rows[live]
+                # the first fooling iterate, or (not fooled) the highest loss so far
+                take = wrong | (loss > best_loss[at])
+                sel = at[take]
+                best_x[sel] = xs[take]
+                best_loss[sel] = loss[take]
+                best_logits[sel] = logits[take]
+                fooled[at[wrong]] = True
+            else:
+                wrong = torch.zeros_like(ys, dtype=torch.bool)
+            if last:
+                break
+            assert g is not None
+            xa = xa.clone()
+            xa[live] = project_linf(xs + cfg.step_size * g.sign(), x0[live], cfg.eps)
+            live = live[~wrong]
+            if live.numel() == 0:
+                break
     assert best_logits is not None
-    return AttackResult(best_x, best_logits, best_logits.argmax(1) == y, best_loss)
+    return AttackResult(best_x, best_logits, ~fooled, best_loss)
 
 
 def transfer_attack(

@@ -39,6 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument(
+        "--pgd-last-iterate",
+        action="store_true",
+        help="judge PGD on its last iterate only (the paper's protocol; non-standard)",
+    )
+    p.add_argument("--apgd-iters", type=int, default=100, help="APGD iterations (standard: 100)")
+    p.add_argument("--apgd-targets", type=int, default=3, help="APGD-T target classes")
+    p.add_argument(
+        "--bpda-targets", type=int, default=3, help="target classes of quick's BPDA APGD-T"
+    )
+    p.add_argument("--adaptive-restarts", type=int, default=3, help="APGD-CE restarts (adaptive)")
+    p.add_argument(
+        "--sanity-images",
+        type=int,
+        default=32,
+        help="sanity checks on the attacked images among the first N (0: off, non-standard)",
+    )
+    p.add_argument(
         "--grid",
         default="full",
         help="Eq. 11 subset for the paper suite (full, half, states, sweep, quick)",
@@ -92,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             pgd_steps=args.pgd_steps,
             pgd_restarts=args.pgd_restarts,
+            pgd_every_iterate=not args.pgd_last_iterate,
+            apgd_iters=args.apgd_iters,
+            apgd_targets=args.apgd_targets,
+            bpda_targets=args.bpda_targets,
+            adaptive_restarts=args.adaptive_restarts,
+            sanity_images=args.sanity_images,
             grid=args.grid,
             autoattack=not args.no_autoattack,
             aa_version="custom" if aa else "standard",

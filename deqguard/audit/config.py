@@ -1,14 +1,47 @@
 """Audit configuration and suites, validated once at the edge.
 
-A suite is a list of :class:`AttackPlan` items. Everything an attack needs is in its plan, so a
-batch's result depends only on (config, batch index) and resuming reproduces it.
+A suite is a list of :class:`AttackPlan` items. Everything an attack needs is in its plan or
+the config, so a batch's result depends only on (config, batch index) and resuming reproduces
+it. Every attack's output is judged by the prediction the service returns: the defended
+prediction when the defense is on (R > 0), else the plain early-state prediction z[state]
+(default z[N]). "Undefended" below means that served prediction with the defense's input
+updates switched off (R = 0, same state). Plans differ in where their gradient comes from
+(``grad``) and in which prediction picks their examples while they run (``select``):
 
-- ``quick``: PGD-10 on a few Eq. 11 surrogates (the ``quick`` subset), judged by the defended model.
-- ``paper``: PGD-10 on the full 144-attack Eq. 11 grid, then AutoAttack (standard) with the
-  batch's strongest surrogate's gradient and the defended decision. The paper's protocol.
-- ``adaptive``: attacks through the defense: BPDA PGD at a middle and the last state, the exact
-  derivative variant, and Square (score-based) on the full defended pipeline; plus a transfer
+- ``eq11``: an Eq. 11 surrogate on the undefended dynamics (``spec``);
+- ``undefended``: the straight-through surrogate of the undefended served prediction (value: the
+  exact logits at z[state]; gradient: ``adaptive_ka`` damped steps (lambda 0.5) from z[state]);
+- ``bpda`` / ``exact``: the same through the defense (value: the defended logits; the input
+  updates are the identity in backward, or differentiated exactly);
+- ``none``: score-based (Square); ``source-model``: another store entry's Eq. 11 surrogate.
+
+Suites and budgets (defaults; eps 8/255 l_inf; "APGD" is pyautoattack 0.2.0's reference code):
+
+- ``quick`` (the admin default):
+  ``pgd-undefended`` PGD-``pgd_steps`` (10 steps of 2/255, ``pgd_restarts`` restarts, best iterate
+  by the undefended prediction); ``apgd-ce`` APGD-CE ``apgd_iters`` = 100 iterations, 1 restart;
+  ``apgd-t`` APGD-T 100 iterations on each of the top ``apgd_targets`` = 3 target classes; all
+  three on the undefended served prediction (their examples chosen by it at every iterate), so
+  with a defense on they are transfer attacks, judged by the defended prediction. With the
+  defense on, also ``bpda-apgd-t``: APGD-T through the defense (BPDA), 100 iterations on each of
+  the top ``bpda_targets`` = 3 targets, every iterate judged by the defended prediction.
+- ``paper``: PGD-``pgd_steps`` on the Eq. 11 grid (``grid``, default the full 144 attacks), every
+  iterate judged by the defended prediction unless ``pgd_every_iterate`` is False (the paper's
+  last-iterate protocol, non-standard); then the standard AutoAttack (APGD-CE, APGD-T 9 targets,
+  FAB-T, Square 5000 queries) with the gradient of the batch's strongest grid surrogate and the
+  defended decision. Without AutoAttack (``autoattack=False``) the report is labelled
+  non-standard.
+- ``adaptive``: the undefended ``apgd-ce`` (``adaptive_restarts`` = 3 restarts) and ``apgd-t``
+  (top ``apgd_targets`` targets) as transfer attacks; with the defense on, APGD-CE (3 restarts)
+  and APGD-T (top 3 targets, one random start each) through the defense with BPDA and with the
+  exact derivative, every iterate judged by the defended prediction; ``square-defended``: Square
+  on the served pipeline end to end, ``square_queries`` = 5000 queries; and a PGD transfer
   attack from another store entry when ``transfer_from`` is set.
+
+Every report also carries sanity checks (``sanity_images``: the attacked images among the first
+32 of the audit; see :mod:`deqguard.audit.engine`): white-box PGD through the served pipeline
+(BPDA when the defense is on) at eps 32/255 (2k steps of 2.5 eps / 2k, k = ``pgd_steps``), at
+eps with k steps, with 4k steps of half the step size, and with 3 restarts.
 """
 
 from __future__ import annotations
@@ -23,22 +56,78 @@ from deqguard.defense import DefenseParams, get_preset
 __all__ = ["SUITES", "AttackPlan", "AuditConfig", "build_suite"]
 
 SUITES = ("quick", "paper", "adaptive")
-AttackKind = Literal["pgd", "autoattack", "bpda", "exact", "square", "transfer"]
+AttackKind = Literal[
+    "pgd", "apgd-ce", "apgd-t", "autoattack", "square", "transfer", "bpda", "exact"
+]
+"""The algorithm. ``bpda`` / ``exact`` (PGD through the defense) and ``transfer`` (PGD on
+another model) are the kinds of schema-1 reports; new suites say ``pgd`` with ``grad``."""
+GradSource = Literal["eq11", "undefended", "bpda", "exact", "none", "source-model"]
+SelectBy = Literal["undefended", "defended", "source-model"]
+
+_SELECT: dict[str, str] = {
+    "eq11": "defended",
+    "undefended": "undefended",
+    "bpda": "defended",
+    "exact": "defended",
+    "none": "defended",
+    "source-model": "source-model",
+}
 
 
 @dataclass(frozen=True)
 class AttackPlan:
-    """One attack of a suite. ``spec`` is the Eq. 11 surrogate (None: chosen per batch or unused)."""
+    """One attack of a suite.
+
+    Attributes:
+        name: unique in the suite.
+        kind: the algorithm (``pgd``, ``apgd-ce``, ``apgd-t``, ``autoattack``, ``square``).
+        spec: the Eq. 11 surrogate of ``grad == "eq11"`` plans (None for AutoAttack: the batch's
+            strongest grid surrogate is used) and of the ``source-model`` transfer.
+        grad: where the gradient comes from (see the module docstring).
+        iters: PGD steps / APGD iterations / Square queries (0: the config's or the library's).
+        restarts: random restarts (APGD-T: per target class).
+        targets: APGD-T target classes (the top ``targets`` wrong classes).
+    """
 
     name: str
     kind: AttackKind
     spec: IntermediateSpec | None = None
+    grad: GradSource = "eq11"
+    iters: int = 0
+    restarts: int = 1
+    targets: int = 0
+
+    @property
+    def select(self) -> str:
+        """The prediction that picks this attack's examples while it runs (its final output is
+        always judged by the served prediction, defended when the defense is on)."""
+        return _SELECT[self.grad]
+
+    @property
+    def budget(self) -> str:
+        if self.kind == "pgd":
+            return f"PGD-{self.iters}, {self.restarts} restart(s), best iterate per sample"
+        if self.kind == "apgd-ce":
+            return f"APGD-CE {self.iters} iterations, {self.restarts} restart(s)"
+        if self.kind == "apgd-t":
+            return (
+                f"APGD-T {self.iters} iterations x top-{self.targets} target classes,"
+                f" {self.restarts} restart(s) each"
+            )
+        if self.kind == "square":
+            return f"Square {self.iters} queries"
+        if self.kind == "autoattack":
+            return "AutoAttack (see config: aa_version, aa_apgd_iters, square_queries)"
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "kind": self.kind,
             "spec": None if self.spec is None else self.spec.name,
+            "grad": self.grad,
+            "select": self.select,
+            "budget": self.budget,
         }
 
 
@@ -56,11 +145,19 @@ class AuditConfig:
         steps: solver steps N.
         eps: l_inf radius of every attack.
         pgd_steps, pgd_step_size, pgd_restarts: PGD budget (default PGD-10, 2/255, 1).
+        pgd_every_iterate: judge every PGD iterate and keep the first fooling one (default);
+            False: the last iterate of each restart only (the paper's protocol; non-standard).
+        apgd_iters, apgd_targets: APGD budget (100 iterations; APGD-T on the top 3 targets).
+        bpda_targets: APGD-T target classes of ``quick``'s BPDA attack through the defense.
+        adaptive_restarts: APGD-CE restarts in ``adaptive``.
+        sanity_images: the sanity checks run on the attacked images among the first
+            ``sanity_images`` of the audit (0: not run, and the report says so).
+        sanity_eps: the large radius whose accuracy must be near 0 (32/255).
         grid: Eq. 11 subset for the ``paper`` suite (``full`` = 144 attacks; smaller subsets make
             the audit cheaper and are reported as such).
         autoattack: run AutoAttack in ``paper``; aa_version ``standard`` or ``custom`` with
             ``aa_attacks``; ``aa_apgd_iters`` / ``square_queries`` override budgets (non-standard).
-        adaptive_ka: unroll length of the adaptive surrogates.
+        adaptive_ka: unroll length of the straight-through and adaptive surrogates (Ka).
         transfer_from: another store entry to craft transfer attacks on (``adaptive``).
         attack_misclassified: also attack images the defended model already gets wrong. Off by
             default (as AutoAttack and RobustBench do): such an image is non-robust under every
@@ -81,6 +178,13 @@ class AuditConfig:
     pgd_steps: int = 10
     pgd_step_size: float = 2 / 255
     pgd_restarts: int = 1
+    pgd_every_iterate: bool = True
+    apgd_iters: int = 100
+    apgd_targets: int = 3
+    bpda_targets: int = 3
+    adaptive_restarts: int = 3
+    sanity_images: int = 32
+    sanity_eps: float = 32 / 255
     grid: str = "full"
     autoattack: bool = True
     aa_version: str = "standard"
@@ -103,12 +207,24 @@ class AuditConfig:
             raise ValueError(
                 f"defense must be a preset name or DefenseParams, got {self.defense!r}"
             )
-        for name in ("n", "batch_size", "steps", "pgd_restarts", "adaptive_ka", "square_queries"):
+        for name in (
+            "n",
+            "batch_size",
+            "steps",
+            "pgd_restarts",
+            "adaptive_ka",
+            "square_queries",
+            "apgd_iters",
+            "apgd_targets",
+            "bpda_targets",
+            "adaptive_restarts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pgd_steps < 0:
-            raise ValueError(f"pgd_steps must be >= 0, got {self.pgd_steps}")
-        for name in ("eps", "pgd_step_size"):
+        for name in ("pgd_steps", "sanity_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("eps", "pgd_step_size", "sanity_eps"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -148,29 +264,49 @@ class AuditConfig:
 def build_suite(cfg: AuditConfig) -> list[AttackPlan]:
     """The attacks of ``cfg.suite`` in a fixed order (the order seeds each attack)."""
     n = cfg.steps
+    active = cfg.defense_params.active
+    it, tg = cfg.apgd_iters, cfg.apgd_targets
     if cfg.suite == "quick":
-        return [AttackPlan(f"pgd-{s.name}", "pgd", s) for s in intermediate_subset("quick", n)]
-    if cfg.suite == "paper":
-        plans = [AttackPlan(f"pgd-{s.name}", "pgd", s) for s in intermediate_subset(cfg.grid, n)]
-        if cfg.autoattack:
-            plans.append(AttackPlan("autoattack", "autoattack", None))
+        plans = [
+            AttackPlan(
+                "pgd-undefended", "pgd", None, "undefended", cfg.pgd_steps, cfg.pgd_restarts
+            ),
+            AttackPlan("apgd-ce", "apgd-ce", None, "undefended", it, 1),
+            AttackPlan("apgd-t", "apgd-t", None, "undefended", it, 1, tg),
+        ]
+        if active:
+            plans.append(AttackPlan("bpda-apgd-t", "apgd-t", None, "bpda", it, 1, cfg.bpda_targets))
         return plans
-    ka = cfg.adaptive_ka
-    mid = max(1, n // 2)
+    if cfg.suite == "paper":
+        plans = [
+            AttackPlan(f"pgd-{s.name}", "pgd", s, "eq11", cfg.pgd_steps, cfg.pgd_restarts)
+            for s in intermediate_subset(cfg.grid, n)
+        ]
+        if cfg.autoattack:
+            plans.append(AttackPlan("autoattack", "autoattack", None, "eq11"))
+        return plans
+    r = cfg.adaptive_restarts
     plans = [
-        AttackPlan(
-            f"bpda-{IntermediateSpec(mid, ka, 0.5).name}", "bpda", IntermediateSpec(mid, ka, 0.5)
-        ),
-        AttackPlan(
-            f"bpda-{IntermediateSpec(n, ka, 0.5).name}", "bpda", IntermediateSpec(n, ka, 0.5)
-        ),
-        AttackPlan(
-            f"exact-{IntermediateSpec(mid, ka, 0.5).name}", "exact", IntermediateSpec(mid, ka, 0.5)
-        ),
-        AttackPlan("square-defended", "square", None),
+        AttackPlan("apgd-ce", "apgd-ce", None, "undefended", it, r),
+        AttackPlan("apgd-t", "apgd-t", None, "undefended", it, 1, tg),
     ]
+    if active:
+        for grad in ("bpda", "exact"):
+            plans += [
+                AttackPlan(f"{grad}-apgd-ce", "apgd-ce", None, grad, it, r),  # type: ignore[arg-type]
+                AttackPlan(f"{grad}-apgd-t", "apgd-t", None, grad, it, 1, tg),  # type: ignore[arg-type]
+            ]
+    plans.append(AttackPlan("square-defended", "square", None, "none", cfg.square_queries))
     if cfg.transfer_from:
+        spec = IntermediateSpec(n, cfg.adaptive_ka, 0.5)
         plans.append(
-            AttackPlan(f"transfer-{cfg.transfer_from}", "transfer", IntermediateSpec(mid, ka, 0.5))
+            AttackPlan(
+                f"transfer-{cfg.transfer_from}",
+                "pgd",
+                spec,
+                "source-model",
+                cfg.pgd_steps,
+                cfg.pgd_restarts,
+            )
         )
     return plans

@@ -7,6 +7,21 @@ after each one (atomically) and skips them when started again, so a cancelled or
 resumes to the uninterrupted result. Every random draw is seeded by (seed, batch, attack).
 Under ``torchrun`` (or with ``shard=(rank, world)``) each process takes every world-th batch and
 rank 0 gathers the records and writes the report.
+
+Sanity checks (standard ones for evaluating a defense, Carlini et al. 2019): each batch also
+attacks its images among the first ``sanity_images`` of the audit that are attacked at all (so
+the subset, and each batch's record, depend only on (config, batch index)) with a white-box PGD
+through the served pipeline (:class:`ServedSurrogate`: BPDA through the defense when it is on,
+the undefended served prediction otherwise; every iterate judged by the served prediction, the
+first fooling one kept), k = ``pgd_steps``:
+
+- ``large_eps``: eps = ``sanity_eps`` (32/255), 2k steps of 2.5 eps / 2k, 1 restart;
+- ``pgd``: the audit's eps, k steps of ``pgd_step_size``, 1 restart;
+- ``pgd_more_steps``: 4k steps of half that step size, the same random start;
+- ``pgd_more_restarts``: ``pgd`` plus 2 more random restarts on the images it left correct.
+
+About 7-8k white-box steps on the subset. The report turns them into checks (see
+:func:`deqguard.audit.report.sanity_checks`).
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +39,25 @@ from torch import Tensor
 
 from deqguard.attacks import (
     AutoAttackConfig,
-    DefendedSurrogate,
     IntermediateSpec,
     IntermediateSurrogate,
     PGDConfig,
+    ServedSurrogate,
     SurrogateDecision,
+    apgd_attack,
     pgd_attack,
     run_autoattack,
     square_attack,
 )
+from deqguard.attacks.surrogates import DefenseGrad
 from deqguard.audit.config import AttackPlan, AuditConfig, build_suite
 from deqguard.audit.report import build_report
 from deqguard.configs import SolverConfig
-from deqguard.defense import DefenseResult, defended_forward
+from deqguard.defense import DefenseParams, DefenseResult, defended_forward
 from deqguard.dynamics import deq_forward
 from deqguard.models.mdeq import MDEQClassifier
 
-__all__ = ["AuditCancelled", "AuditRunner", "Progress"]
+__all__ = ["AuditCancelled", "AuditRunner", "Progress", "sanity_runs"]
 
 Progress = Callable[[dict[str, Any]], None]
 """Called after each batch with {"done", "total", "batch", "elapsed_s", "clean_correct", ...}."""
@@ -157,6 +174,23 @@ class AuditRunner:
             out[key] = full
         return out
 
+    def _served(self, grad: str) -> ServedSurrogate:
+        """The straight-through surrogate of the served prediction: undefended (R = 0, the same
+        state) for ``grad == "undefended"``, else through the defense by ``grad``."""
+        assert self.model is not None
+        cfg = self.config
+        params = cfg.defense_params
+        mode: DefenseGrad = "exact" if grad == "exact" else "bpda"
+        if grad == "undefended":  # nothing to differentiate through at R = 0
+            params = DefenseParams(**{**params.to_dict(), "R": 0})
+        return ServedSurrogate(
+            self.model, params, self.solver, steps=cfg.steps, grad=mode, ka=cfg.adaptive_ka
+        )
+
+    def _white_box(self) -> ServedSurrogate:
+        """The sanity checks' white-box surrogate: through the defense (BPDA) when it is on."""
+        return self._served("bpda" if self.config.defense_params.active else "undefended")
+
     def _attack(
         self,
         plan: AttackPlan,
@@ -171,27 +205,42 @@ class AuditRunner:
         assert model is not None
         seed = _seed(cfg.seed, index, a)
         gen = torch.Generator().manual_seed(seed)
-        pgd = PGDConfig(
-            eps=cfg.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=cfg.pgd_restarts
-        )
         params = cfg.defense_params
 
         def decide(v: Tensor) -> Tensor:
             return defended_forward(model, v, params, self.solver, steps=cfg.steps).logits
 
-        decider = decide if cfg.pgd_restarts > 1 else None  # restarts pick by the defended decision
-        if plan.kind in ("pgd", "transfer"):
-            assert plan.spec is not None
-            src = self.transfer_model if plan.kind == "transfer" else model
-            assert src is not None
-            sur = IntermediateSurrogate(src, plan.spec, self.solver)
-            return pgd_attack(sur, x, y, pgd, decider=decider, generator=gen).x_adv
-        if plan.kind in ("bpda", "exact"):
-            assert plan.spec is not None
-            sur = DefendedSurrogate(
-                model, params, plan.spec, self.solver, steps=cfg.steps, grad=plan.kind
+        if plan.kind == "pgd":
+            pgd = PGDConfig(
+                eps=cfg.eps,
+                steps=plan.iters,
+                step_size=cfg.pgd_step_size,
+                restarts=plan.restarts,
+                every_iterate=cfg.pgd_every_iterate,
             )
-            return pgd_attack(sur, x, y, pgd, decider=decider, generator=gen).x_adv
+            if plan.grad == "eq11":  # judged by the defended prediction
+                assert plan.spec is not None
+                sur = IntermediateSurrogate(model, plan.spec, self.solver)
+                return pgd_attack(sur, x, y, pgd, decider=decide, generator=gen).x_adv
+            if plan.grad == "source-model":  # picked by the source model's own surrogate
+                assert plan.spec is not None and self.transfer_model is not None
+                sur = IntermediateSurrogate(self.transfer_model, plan.spec, self.solver)
+                return pgd_attack(sur, x, y, pgd, generator=gen).x_adv
+            # straight-through: judged by the served prediction at every iterate, for free
+            return pgd_attack(self._served(plan.grad), x, y, pgd, generator=gen).x_adv
+        if plan.kind in ("apgd-ce", "apgd-t"):
+            x_adv, _ = apgd_attack(
+                self._served(plan.grad),
+                x,
+                y,
+                loss="ce" if plan.kind == "apgd-ce" else "targeted",
+                eps=cfg.eps,
+                n_iter=plan.iters,
+                n_restarts=plan.restarts,
+                n_target_classes=plan.targets,
+                seed=seed,
+            )
+            return x_adv
         if plan.kind == "autoattack":
             spec = strongest or IntermediateSpec(max(1, cfg.steps // 2), 5, 0.5)
             sur = IntermediateSurrogate(model, spec, self.solver)
@@ -207,10 +256,34 @@ class AuditRunner:
             return x_adv
         if plan.kind == "square":
             x_adv, _ = square_attack(
-                decide, x, y, eps=cfg.eps, queries=cfg.square_queries, seed=seed, batch_size=len(y)
+                decide, x, y, eps=cfg.eps, queries=plan.iters, seed=seed, batch_size=len(y)
             )
             return x_adv
         raise ValueError(f"unknown attack kind {plan.kind!r}")
+
+    def _sanity(self, index: int, x: Tensor, y: Tensor) -> dict[str, list[bool]]:
+        """The sanity runs on x [b, ...] (see the module docstring): per run, correct [b]."""
+        cfg = self.config
+        wb = self._white_box()
+        runs = sanity_runs(cfg)
+
+        def gen(run: int) -> torch.Generator:
+            return torch.Generator().manual_seed(_seed(cfg.seed, index, 100_000 + run))
+
+        big, base, longer = runs["large_eps"], runs["pgd"], runs["pgd_more_steps"]
+        out = {"large_eps": pgd_attack(wb, x, y, big, generator=gen(0)).correct}
+        g1 = gen(1)
+        short = pgd_attack(wb, x, y, base, generator=g1).correct
+        out["pgd"] = short
+        out["pgd_more_steps"] = pgd_attack(wb, x, y, longer, generator=gen(1)).correct
+        more = short.clone()
+        left = short.nonzero().squeeze(1)
+        extra = runs["pgd_more_restarts"]
+        if left.numel() and extra.restarts > 1:  # the further restarts: g1 continues after
+            extra = replace(extra, restarts=extra.restarts - 1)  # restart 1's draw
+            more[left] = pgd_attack(wb, x[left], y[left], extra, generator=g1).correct
+        out["pgd_more_restarts"] = more
+        return {name: c.tolist() for name, c in out.items()}
 
     def run_batch(
         self, index: int, should_cancel: Callable[[], bool] | None = None
@@ -240,6 +313,18 @@ class AuditRunner:
             "undefended_step_entropy_sum": [0.0] * und.shape[0],
             "state_dev_sum": [0.0] * clean_res.trace.states.shape[0],
         }
+        sanity: dict[str, Any] | None = None
+        start = index * self.config.batch_size
+        sane = [j for j, i in enumerate(idx_list) if start + i < self.config.sanity_images]
+        if sane:
+            t0 = time.perf_counter()
+            sel = torch.tensor(sane, dtype=torch.long, device=xs.device)
+            runs = self._sanity(index, xs[sel], ys[sel])
+            sanity = {
+                "rows": [idx_list[j] for j in sane],
+                "runs": runs,
+                "seconds": time.perf_counter() - t0,
+            }
         records: list[dict[str, Any]] = []
         strongest: IntermediateSpec | None = None
         best = None
@@ -257,7 +342,7 @@ class AuditRunner:
             sub["seconds"] = time.perf_counter() - t0
             rec = self._scatter(sub, idx_list, base)
             records.append(rec)
-            if plan.kind == "pgd":
+            if plan.kind == "pgd" and plan.grad == "eq11":
                 score = sum(rec["correct"])
                 if best is None or score < best:
                     best, strongest = score, plan.spec
@@ -270,6 +355,7 @@ class AuditRunner:
             "clean_step_entropy_sum": clean_res.step_entropy[:, idx].sum(1).tolist(),
             "clean_undefended_step_entropy_sum": und[:, idx].sum(1).tolist(),
             "attacks": records,
+            **({} if sanity is None else {"sanity": sanity}),
         }
 
     # ------------------------------------------------------------------ driving
@@ -350,32 +436,62 @@ class AuditRunner:
             records = [r for part in gathered for r in part]
         return self.report(records, elapsed_s=time.perf_counter() - start)
 
-    def report(self, records: list[dict[str, Any]], elapsed_s: float = 0.0) -> dict[str, Any]:
-        notes = []
+    def non_standard(self) -> list[str]:
+        """Why this audit is not the standard evaluation of its suite (empty: it is)."""
         cfg = self.config
-        if cfg.suite == "paper" and cfg.grid != "full":
-            notes.append(f"Eq. 11 grid subset `{cfg.grid}`, not the full 144 attacks")
+        kinds = {p.kind for p in self.plans}
+        out = []
+        full = build_suite(cfg)
+        if [p.to_dict() for p in self.plans] != [p.to_dict() for p in full]:
+            out.append(f"only {len(self.plans)} of the suite's {len(full)} attacks were run")
         if cfg.suite == "paper" and not cfg.autoattack:
-            notes.append("AutoAttack not run (the paper suite's second part; --no-autoattack)")
-        if (
-            cfg.suite == "paper"
-            and cfg.autoattack
-            and (
-                cfg.aa_apgd_iters is not None
-                or cfg.square_queries != 5000
-                or cfg.aa_version != "standard"
-            )
+            out.append("AutoAttack not run (--no-autoattack): the Eq. 11 grid alone")
+        if cfg.suite == "paper" and cfg.grid != "full":
+            out.append(f"Eq. 11 grid subset `{cfg.grid}`, not the full 144 attacks")
+        if "autoattack" in kinds and (
+            cfg.aa_apgd_iters is not None
+            or cfg.square_queries != 5000
+            or cfg.aa_version != "standard"
         ):
-            notes.append("AutoAttack with non-standard budgets or attacks (see config)")
-        if cfg.suite == "adaptive" and cfg.square_queries != 5000:
-            notes.append(f"Square with {cfg.square_queries} queries (standard: 5000)")
-        if cfg.pgd_steps != 10:
-            notes.append(f"PGD-{cfg.pgd_steps} instead of PGD-10")
+            out.append("AutoAttack with non-standard budgets or attacks (see config)")
+        if kinds & {"apgd-ce", "apgd-t"} and cfg.apgd_iters < 100:
+            out.append(f"APGD with {cfg.apgd_iters} iterations (standard: 100)")
+        if "apgd-t" in kinds and cfg.apgd_targets < 3:
+            out.append(f"APGD-T on {cfg.apgd_targets} target class(es) (at least 3 expected)")
+        if "square" in kinds and cfg.square_queries != 5000:
+            out.append(f"Square with {cfg.square_queries} queries (standard: 5000)")
+        if "pgd" in kinds and cfg.pgd_steps != 10:
+            out.append(f"PGD-{cfg.pgd_steps} instead of PGD-10")
+        if "pgd" in kinds and not cfg.pgd_every_iterate:
+            out.append("PGD judged on its last iterate only (--pgd-last-iterate)")
+        if cfg.sanity_images == 0:
+            out.append("sanity checks not run (sanity_images = 0)")
+        return out
+
+    def report(self, records: list[dict[str, Any]], elapsed_s: float = 0.0) -> dict[str, Any]:
+        cfg = self.config
+        non_standard = self.non_standard()
+        notes = list(non_standard)
         if not cfg.attack_misclassified:
             notes.append(
                 "only images the defended model classifies correctly were attacked (the others"
                 " count as non-robust); P, Delta H and the curves are over the attacked images"
             )
+        wb = "BPDA through the defense" if cfg.defense_params.active else "the undefended model"
+        sanity_setup = {
+            "images": min(cfg.sanity_images, cfg.n),
+            "subset": f"the attacked images among the first {min(cfg.sanity_images, cfg.n)}",
+            "attack": (
+                f"white-box PGD on the served prediction ({wb}; straight-through, every"
+                " iterate judged by the served prediction, the first fooling one kept)"
+            ),
+            "runs": {
+                name: {"eps": r.eps, "steps": r.steps, "restarts": r.restarts,
+                       "step_size": r.step_size}
+                for name, r in sanity_runs(cfg).items()
+            },
+            "defense_active": cfg.defense_params.active,
+        }  # fmt: skip
         return build_report(
             cfg.to_dict(),
             self.model_info,
@@ -384,7 +500,24 @@ class AuditRunner:
             total_batches=self.total_batches,
             elapsed_s=elapsed_s,
             notes=notes,
+            non_standard=non_standard,
+            sanity_setup=sanity_setup,
         )
+
+
+def sanity_runs(cfg: AuditConfig) -> dict[str, PGDConfig]:
+    """The sanity checks' white-box PGD runs (k = ``pgd_steps``, at least 1; see the module
+    docstring). ``pgd_more_restarts`` shares its first restart with ``pgd``."""
+    k = max(1, cfg.pgd_steps)
+    big = cfg.sanity_eps
+    return {
+        "large_eps": PGDConfig(eps=big, steps=2 * k, step_size=2.5 * big / (2 * k)),
+        "pgd": PGDConfig(eps=cfg.eps, steps=k, step_size=cfg.pgd_step_size),
+        "pgd_more_steps": PGDConfig(eps=cfg.eps, steps=4 * k, step_size=cfg.pgd_step_size / 2),
+        "pgd_more_restarts": PGDConfig(
+            eps=cfg.eps, steps=k, step_size=cfg.pgd_step_size, restarts=3
+        ),
+    }
 
 
 def _dist_shard() -> tuple[int, int]:

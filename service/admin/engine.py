@@ -43,6 +43,8 @@ SUITES: tuple[str, ...] = ("smoke", *ENGINE_SUITES)
 OPTION_FIELDS = (
     "pgd_steps", "pgd_step_size", "pgd_restarts", "eps", "grid", "autoattack", "aa_version",
     "aa_attacks", "aa_apgd_iters", "square_queries", "adaptive_ka", "transfer_from",
+    "pgd_every_iterate", "apgd_iters", "apgd_targets", "bpda_targets", "adaptive_restarts",
+    "sanity_images",
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 

@@ -1,0 +1,140 @@
+"""APGD (pyautoattack 0.2.0, Croce & Hein's reference) on the prediction the service returns,
+and the straight-through surrogate that makes any attack judge by that prediction for free.
+
+:class:`ServedSurrogate` runs the served pipeline once per call (Algorithm 1 when the defense is
+on, the plain early-state prediction when R = 0) and returns ``u + (d - u).detach()``: the value
+d is the served logits, the gradient is that of u, a Ka-step damped unrolling of f from the
+served state z[state] on the input in effect there, with the defense's input updates taken as
+the identity in backward (``bpda``) or differentiated exactly (``exact``; see
+:class:`deqguard.attacks.DefendedSurrogate`, which this mirrors). An attack that judges by the
+surrogate's output (APGD at every iterate, :func:`pgd_attack` without a decider) is then judged
+by the served prediction at every iterate, at the cost of one served forward per iterate.
+
+:func:`apgd_attack` is the reference APGD-CE / APGD-DLR / APGD-T: per sample it keeps an
+iterate that fooled the model (the last fooling one of the first run that fooled it), restarts
+and target classes run on the samples still robust, and unfooled samples are returned unchanged
+(pyautoattack's convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deqguard.attacks.surrogates import DefenseGrad, IntermediateSpec, _unroll
+from deqguard.configs import SolverConfig
+from deqguard.defense import DefenseParams, defended_forward
+from deqguard.dynamics import cached_weights, resolve_solver
+from deqguard.models.mdeq import MDEQClassifier
+from deqguard.solvers import FixedPointSolver
+
+__all__ = ["ApgdLoss", "ServedSurrogate", "apgd_attack"]
+
+ApgdLoss = Literal["ce", "dlr", "targeted"]
+
+
+class ServedSurrogate(torch.nn.Module):
+    """Value: the served logits under ``params`` (defended when R > 0); gradient: Ka damped steps
+    (``lam``) from the served state of the defended dynamics, through the defense by ``grad``.
+
+    With ``params.R == 0`` the gradient is the undefended one at z[state] (both modes agree).
+    """
+
+    def __init__(
+        self,
+        model: MDEQClassifier,
+        params: DefenseParams,
+        solver: SolverConfig | FixedPointSolver | None = None,
+        *,
+        steps: int = 8,
+        grad: DefenseGrad = "bpda",
+        ka: int = 5,
+        lam: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if grad not in ("bpda", "exact"):
+            raise ValueError(f"grad must be 'bpda' or 'exact', got {grad!r}")
+        state = steps if params.state is None else params.state
+        if not 1 <= state <= steps:
+            raise ValueError(f"the served state must lie in 1..{steps}, got {state}")
+        self.model, self.params, self.steps, self.grad = model, params, steps, grad
+        self.solver = resolve_solver(solver)
+        self.spec = IntermediateSpec(state, ka, lam)
+
+    @property
+    def name(self) -> str:
+        kind = "undefended" if not self.params.active else self.grad
+        return f"served-{kind}-{self.spec.name}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        res = defended_forward(
+            self.model, x.detach(), self.params, self.solver, steps=self.steps, trace=True
+        )
+        assert res.trace is not None
+        k = self.spec.i - 1
+        z = res.trace.states[k]
+        x_k = res.trace.inputs[k]
+        jac = res.trace.jac[k] if self.grad == "exact" else 1.0
+        x_eff = x_k + jac * (x - x.detach())
+        with cached_weights(self.model):
+            u = _unroll(self.model, z, x_eff, self.spec, False).float()
+        return u + (res.logits.float() - u).detach()
+
+
+def apgd_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: ApgdLoss = "ce",
+    eps: float = 8 / 255,
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    n_target_classes: int = 3,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """pyautoattack's APGD on ``model`` (e.g. a :class:`ServedSurrogate`), l_inf.
+
+    ``loss``: ``ce`` (APGD-CE), ``dlr`` (APGD-DLR) or ``targeted`` (APGD-T, targeted DLR on the
+    ``n_target_classes`` highest-scoring wrong classes, capped at classes - 1). Returns
+    (x_adv [B, 3, H, W], correct [B] bool under ``model``). The global torch RNG that
+    pyautoattack reseeds is restored afterwards.
+    """
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+    if loss not in ("ce", "dlr", "targeted"):
+        raise ValueError(f"loss must be ce, dlr or targeted, got {loss!r}")
+    x = x.detach()
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if loss == "targeted":
+            with torch.no_grad():
+                classes = model(x[:1]).shape[1]
+            atk = APGDAttack_targeted(
+                model,
+                n_iter=n_iter,
+                norm="Linf",
+                n_restarts=n_restarts,
+                eps=eps,
+                seed=seed,
+                n_target_classes=max(1, min(n_target_classes, classes - 1)),
+                device=x.device,
+            )
+        else:
+            atk = APGDAttack(
+                model,
+                n_iter=n_iter,
+                norm="Linf",
+                n_restarts=n_restarts,
+                eps=eps,
+                seed=seed,
+                loss=loss,
+                device=x.device,
+            )
+        x_adv = atk.perturb(x, y).detach()
+    with torch.no_grad():
+        correct = model(x_adv).argmax(1) == y
+    return x_adv, correct
