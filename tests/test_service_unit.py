@@ -132,6 +132,35 @@ def test_under_load_a_batch_waits_for_answered_clients_only_when_asked(
     run_virtual(main)
 
 
+def test_filling_ends_when_the_answered_clients_pause() -> None:
+    """As above with filling, but only 2 of the 4 answered clients come back (at 0.421): the
+    batch does not wait out the 0.2 s fill for company that is not coming; it starts once
+    arrivals pause for fill_gap_s (4 ms), at 0.425."""
+
+    async def main(clock: VirtualClock) -> None:
+        device = _Device(clock, delay=0.4)
+        b = Batcher(
+            device, max_batch=8, max_delay_s=0.001, queue_size=64, fill_fraction=0.5, clock=clock
+        )
+        b.start()
+
+        async def client(tag: float, start_s: float, requests: int) -> None:
+            await asyncio.sleep(start_s)
+            for _ in range(requests):
+                job = _job(clock, tag)
+                b.submit(job)
+                await job.future
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(
+            *(client(float(i), 0.0 if i < 4 else 0.1, 2 if i < 2 else 1) for i in range(8))
+        )
+        assert device.calls == [4, 6] and device.starts == [0.001, 0.425]
+        await b.stop()
+
+    run_virtual(main)
+
+
 @pytest.mark.parametrize(
     ("fill_fraction", "calls"),
     [(0.0, [8, 1, 7, 1, 7, 1, 7, 1, 7]), (0.5, [8, 1, 8, 8, 8, 7])],
@@ -239,13 +268,14 @@ def test_failing_batch_is_split_and_fails_only_its_own_request() -> None:
 
 
 def test_queue_bound_deadline_and_cancel() -> None:
-    """One image per batch, 0.3 s each. While the first computes, three jobs queue (the bound):
+    """One image per batch, 0.3 s each. While the first computes, four jobs queue (the bound):
     one whose deadline (0.15) passes before the device frees up at 0.3, one whose deadline (1.0)
-    does not, one that is withdrawn; a fourth is refused with 429."""
+    does not, one withdrawn with cancel(), one whose handler gave up (its future cancelled, the
+    job left queued); a fifth is refused with 429. Only the one on time reaches the device."""
 
     async def main(clock: VirtualClock) -> None:
         device = _Device(clock, delay=0.3)
-        b = Batcher(device, max_batch=1, max_delay_s=0.0, queue_size=3, clock=clock)
+        b = Batcher(device, max_batch=1, max_delay_s=0.0, queue_size=4, clock=clock)
         b.start()
         first = _job(clock, 0.0)
         b.submit(first)
@@ -254,20 +284,23 @@ def test_queue_bound_deadline_and_cancel() -> None:
         late = _job(clock, 1.0, deadline_s=0.1)
         on_time = _job(clock, 2.0, deadline_s=0.95)
         cancelled = _job(clock, 3.0)
-        for j in (late, on_time, cancelled):
+        left = _job(clock, 4.0)
+        for j in (late, on_time, cancelled, left):
             b.submit(j)
         with pytest.raises(QueueFull) as full:
-            b.submit(_job(clock, 4.0))
-        assert full.value.headers["Retry-After"] == "1"  # 3 images x 0.05 s, rounded up
-        assert b.cancel(cancelled) and b.queued_images == 2
+            b.submit(_job(clock, 5.0))
+        assert full.value.headers["Retry-After"] == "1"  # 4 images x 0.05 s, rounded up
+        assert b.cancel(cancelled) and b.queued_images == 3
         assert cancelled.future.cancelled() and not b.cancel(cancelled)
+        left.future.cancel()  # the client went away; the job stays queued until taken
         assert (await first.future).outputs == [0.0]
         with pytest.raises(DeadlineExceeded):
             await late.future
         result = await on_time.future
         assert result.outputs == [2.0] and result.queue_s == pytest.approx(0.25, abs=1e-9)
-        # the late and the cancelled job never reached the device
+        await asyncio.sleep(0.1)  # the device is free again at 0.6: what is left is taken
         assert device.calls == [1, 1] and device.starts == [0.0, 0.3]
+        assert b.queued_images == 0 and not left.started
         await b.stop()
 
     run_virtual(main)

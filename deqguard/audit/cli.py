@@ -156,8 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return 0
+    if dist.is_available() and dist.is_initialized():
+        # every rank has its records gathered: leave the group explicitly (left to interpreter
+        # teardown, gloo's threads sometimes abort a rank: "terminate called without an active
+        # exception", exit code -6)
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plots = write_plots(report, out)
     (out / "summary.md").write_text(markdown_summary(report, plots))
