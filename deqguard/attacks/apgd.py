@@ -109,31 +109,15 @@ def apgd_attack(
         raise ValueError(f"loss must be ce, dlr or targeted, got {loss!r}")
     x = x.detach()
     devices = [x.device] if x.device.type == "cuda" else []
+    common = dict(n_iter=n_iter, norm="Linf", n_restarts=n_restarts, eps=eps, seed=seed)
     with torch.random.fork_rng(devices=devices):
         if loss == "targeted":
             with torch.no_grad():
                 classes = model(x[:1]).shape[1]
-            atk = APGDAttack_targeted(
-                model,
-                n_iter=n_iter,
-                norm="Linf",
-                n_restarts=n_restarts,
-                eps=eps,
-                seed=seed,
-                n_target_classes=max(1, min(n_target_classes, classes - 1)),
-                device=x.device,
-            )
+            targets = max(1, min(n_target_classes, classes - 1))
+            atk = APGDAttack_targeted(model, n_target_classes=targets, device=x.device, **common)
         else:
-            atk = APGDAttack(
-                model,
-                n_iter=n_iter,
-                norm="Linf",
-                n_restarts=n_restarts,
-                eps=eps,
-                seed=seed,
-                loss=loss,
-                device=x.device,
-            )
+            atk = APGDAttack(model, loss=loss, device=x.device, **common)
         x_adv = atk.perturb(x, y).detach()
     with torch.no_grad():
         correct = model(x_adv).argmax(1) == y
