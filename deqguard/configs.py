@@ -10,12 +10,17 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 __all__ = [
+    "DEFAULT_SOLVER_STEPS",
     "MODEL_CONFIGS",
     "ModelConfig",
     "SolverConfig",
     "get_model_config",
     "list_model_configs",
+    "solver_steps",
 ]
+
+DEFAULT_SOLVER_STEPS = 8
+"""N, the solver steps of a forward when neither the caller nor the model's manifest says."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ class SolverConfig:
     """
 
     name: SolverName = "broyden"
-    max_steps: int = 8
+    max_steps: int = DEFAULT_SOLVER_STEPS
     tol: float = 1e-3
     memory: int = 8
     damping: float = 1.0
@@ -196,3 +201,9 @@ class SolverConfig:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
         if not 0.0 < self.damping <= 1.0:
             raise ValueError(f"damping must lie in (0, 1], got {self.damping}")
+
+
+def solver_steps(solver: SolverConfig, override: int | None = None) -> int:
+    """The steps N a forward runs: ``override``, else the solver's ``max_steps``, else the
+    default (a manifest may store 0: "unset")."""
+    return override or solver.max_steps or DEFAULT_SOLVER_STEPS

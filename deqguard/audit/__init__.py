@@ -6,6 +6,7 @@
 
 from deqguard.audit.config import SUITES, AttackPlan, AuditConfig, build_suite
 from deqguard.audit.engine import AuditCancelled, AuditRunner, Progress
+from deqguard.audit.gate import DeviceGate, gate_model
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import (
     REPORT_SCHEMA,
@@ -15,6 +16,7 @@ from deqguard.audit.report import (
     validate_report,
     wilson_interval,
 )
+from deqguard.audit.store import AuditStore, StateFile, batch_counts
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -23,10 +25,15 @@ __all__ = [
     "AuditCancelled",
     "AuditConfig",
     "AuditRunner",
+    "AuditStore",
+    "DeviceGate",
     "Progress",
     "ReportValidationError",
+    "StateFile",
+    "batch_counts",
     "build_report",
     "build_suite",
+    "gate_model",
     "markdown_summary",
     "validate_report",
     "wilson_interval",

@@ -19,7 +19,8 @@ from deqguard.audit.config import SUITES, AuditConfig
 from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
-from deqguard.defense import DefenseParams, list_presets
+from deqguard.configs import DEFAULT_SOLVER_STEPS
+from deqguard.defense import DefenseParams, Preset, list_presets, resolve_defense
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,13 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--defense",
         default="paper",
-        help=f"preset ({', '.join(list_presets())}) or JSON of DefenseParams fields",
+        help=f"preset ({', '.join(list_presets())}) or JSON of DefenseParams fields, optionally"
+        " with `preset` as the base (default off)",
     )
     p.add_argument("--suite", default="quick", choices=SUITES)
     p.add_argument("-n", type=int, default=1000, help="first n test images (official order)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=8, help="solver steps N")
+    p.add_argument("--steps", type=int, default=DEFAULT_SOLVER_STEPS, help="solver steps N")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument(
@@ -86,8 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _defense(text: str) -> str | DefenseParams:
+    """A preset name as it is (the report names it), or JSON fields resolved by the core."""
     if text.lstrip().startswith("{"):
-        return DefenseParams.from_dict(json.loads(text))
+        fields = json.loads(text)
+        return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields)
     return text
 
 
@@ -142,12 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.partial:
-            done = runner.load_state(out / "state.json")
+            done, elapsed = runner.state_file(out / "state.json").load()
             if not done:
                 print(f"deqguard audit: no saved batches in {out / 'state.json'}", file=sys.stderr)
                 return 2
-            previous = out / "report.json"  # keep the wall time the full run recorded
-            elapsed = json.loads(previous.read_text())["elapsed_s"] if previous.exists() else 0.0
+            previous = out / "report.json"  # a state file from before it kept compute time
+            if not elapsed and previous.exists():
+                elapsed = json.loads(previous.read_text())["elapsed_s"]
             report = runner.report(list(done.values()), elapsed_s=elapsed)
         else:
             report = runner.run(progress=progress, state_path=out / "state.json")

@@ -48,19 +48,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from deqguard.attacks import IntermediateSpec, intermediate_subset
-from deqguard.defense import DefenseParams, get_preset
+from deqguard.configs import DEFAULT_SOLVER_STEPS
+from deqguard.defense import DefenseParamError, DefenseParams, get_preset
 
-__all__ = ["SUITES", "AttackPlan", "AuditConfig", "build_suite"]
+__all__ = ["SUITES", "AttackKind", "AttackPlan", "AuditConfig", "Suite", "build_suite"]
 
-SUITES = ("quick", "paper", "adaptive")
-AttackKind = Literal[
-    "pgd", "apgd-ce", "apgd-t", "autoattack", "square", "transfer", "bpda", "exact"
-]
-"""The algorithm. ``bpda`` / ``exact`` (PGD through the defense) and ``transfer`` (PGD on
-another model) are the kinds of schema-1 reports; new suites say ``pgd`` with ``grad``."""
+
+class Suite(StrEnum):
+    """The attack suites (see the module docstring)."""
+
+    QUICK = "quick"
+    PAPER = "paper"
+    ADAPTIVE = "adaptive"
+
+
+SUITES: tuple[str, ...] = tuple(s.value for s in Suite)
+
+
+class AttackKind(StrEnum):
+    """The algorithm. ``bpda`` / ``exact`` (PGD through the defense) and ``transfer`` (PGD on
+    another model) are the kinds of schema-1 reports; new suites say ``pgd`` with ``grad``."""
+
+    PGD = "pgd"
+    APGD_CE = "apgd-ce"
+    APGD_T = "apgd-t"
+    AUTOATTACK = "autoattack"
+    SQUARE = "square"
+    TRANSFER = "transfer"
+    BPDA = "bpda"
+    EXACT = "exact"
+
+
+AttackKindName = Literal[tuple(k.value for k in AttackKind)]  # type: ignore[valid-type]
 GradSource = Literal["eq11", "undefended", "bpda", "exact", "none", "source-model"]
 SelectBy = Literal["undefended", "defended", "source-model"]
 
@@ -90,7 +113,7 @@ class AttackPlan:
     """
 
     name: str
-    kind: AttackKind
+    kind: AttackKindName
     spec: IntermediateSpec | None = None
     grad: GradSource = "eq11"
     iters: int = 0
@@ -173,7 +196,7 @@ class AuditConfig:
     n: int = 1000
     batch_size: int = 64
     seed: int = 0
-    steps: int = 8
+    steps: int = DEFAULT_SOLVER_STEPS
     eps: float = 8 / 255
     pgd_steps: int = 10
     pgd_step_size: float = 2 / 255
@@ -232,8 +255,8 @@ class AuditConfig:
         if self.aa_apgd_iters is not None and self.aa_apgd_iters < 1:
             raise ValueError(f"aa_apgd_iters must be >= 1, got {self.aa_apgd_iters}")
         if self.defense_params.state is not None and self.defense_params.state > self.steps:
-            raise ValueError(
-                f"defense state {self.defense_params.state} exceeds steps {self.steps}"
+            raise DefenseParamError(
+                f"defense state {self.defense_params.state} exceeds steps {self.steps}", "state"
             )
 
     @property

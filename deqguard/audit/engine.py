@@ -1,10 +1,13 @@
 """The audit engine: batch by batch, resumable, cancellable, shardable.
 
 :class:`AuditRunner` computes one batch at a time (:meth:`AuditRunner.run_batch`) into a
-JSON-serialisable record; :meth:`AuditRunner.run` drives the batches with a progress callback,
-checks a cancellation callback between batches, saves the finished batches to ``state_path``
-after each one (atomically) and skips them when started again, so a cancelled or killed audit
-resumes to the uninterrupted result. Every random draw is seeded by (seed, batch, attack).
+JSON-serialisable record; :meth:`AuditRunner.run` is the one loop over the batches (the
+command line's and the service's): it reports progress, checks a cancellation callback between
+batches, saves the finished batches through an :class:`~deqguard.audit.store.AuditStore` after
+each one (a JSON state file for ``state_path``; the service's job table) and skips them when
+started again, so a cancelled or killed audit resumes to the uninterrupted result. Every random
+draw is seeded by (seed, batch, attack). With a :class:`~deqguard.audit.gate.DeviceGate`, every
+f-evaluation of the audited model passes the gate first, so the audit can share the device.
 Under ``torchrun`` (or with ``shard=(rank, world)``) each process takes every world-th batch and
 rank 0 gathers the records and writes the report.
 
@@ -26,7 +29,6 @@ About 7-8k white-box steps on the subset. The report turns them into checks (see
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -51,7 +53,9 @@ from deqguard.attacks import (
 )
 from deqguard.attacks.surrogates import DefenseGrad
 from deqguard.audit.config import AttackPlan, AuditConfig, build_suite
+from deqguard.audit.gate import DeviceGate, gate_model
 from deqguard.audit.report import build_report
+from deqguard.audit.store import AuditStore, StateFile
 from deqguard.configs import SolverConfig
 from deqguard.defense import DefenseParams, DefenseResult, defended_forward
 from deqguard.dynamics import deq_forward
@@ -64,7 +68,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 class AuditCancelled(Exception):
-    """Raised by run() when should_cancel() said so between batches (finished batches are saved)."""
+    """Raised by run() when should_cancel() said so between batches, or by a gate to stop
+    mid-batch (finished batches are saved; the one in progress is discarded)."""
 
 
 def _seed(*parts: int) -> int:
@@ -77,7 +82,8 @@ def _seed(*parts: int) -> int:
 @dataclass
 class AuditRunner:
     """One audit. Pass ``model`` (and optionally ``images``/``labels``) to skip the store and
-    the dataset (tests, the service's private model copy)."""
+    the dataset (tests, the service's private model copy). ``gate`` routes every f-evaluation
+    of ``model`` through it (the object is changed: pass a private copy)."""
 
     config: AuditConfig
     model: MDEQClassifier | None = None
@@ -86,6 +92,7 @@ class AuditRunner:
     solver: SolverConfig | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     transfer_model: MDEQClassifier | None = None
+    gate: DeviceGate | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -102,6 +109,8 @@ class AuditRunner:
                 "config": entry.manifest.model_config,
             }
         self.model.eval()
+        if self.gate is not None:
+            gate_model(self.model, self.gate.acquire)
         self.model_info.setdefault("ref", cfg.model)
         if self.images is None or self.labels is None:
             from deqguard.data import load_test
@@ -366,32 +375,13 @@ class AuditRunner:
             "plans": [p.to_dict() for p in self.plans],
         }
 
+    def state_file(self, path: str | os.PathLike[str]) -> StateFile:
+        """The JSON store of this audit's records at ``path``."""
+        return StateFile(path, self._fingerprint())
+
     def load_state(self, path: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
         """The batch records saved at ``path`` (empty when absent); refuses another audit's."""
-        path = Path(path)
-        return self._load_state_impl(path)
-
-    def _load_state_impl(self, path: Path) -> dict[int, dict[str, Any]]:
-        if not path.exists():
-            return {}
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") != json.loads(json.dumps(self._fingerprint())):
-            raise ValueError(
-                f"{path} holds partial results of a different audit; refusing to mix them"
-            )
-        return {int(k): v for k, v in state["batches"].items()}
-
-    def _save_state(self, path: Path, done: dict[int, dict[str, Any]]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "fingerprint": self._fingerprint(),
-                    "batches": {str(k): v for k, v in done.items()},
-                }
-            )
-        )
-        os.replace(tmp, path)
+        return self.state_file(path).load()[0]
 
     def run(
         self,
@@ -399,42 +389,59 @@ class AuditRunner:
         progress: Progress | None = None,
         should_cancel: Callable[[], bool] | None = None,
         state_path: str | os.PathLike[str] | None = None,
+        store: AuditStore | None = None,
         shard: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Run (or resume) the audit and return the report (rank 0 under sharding; other
-        ranks return their partial report). Raises AuditCancelled after saving."""
+        ranks return their partial report). Raises AuditCancelled after saving.
+
+        Records persist through ``store``, or a :class:`StateFile` at ``state_path`` (one per
+        rank under sharding); the report's ``elapsed_s`` is the compute time of every batch,
+        earlier sessions included."""
         rank, world = shard if shard is not None else _dist_shard()
-        path = None if state_path is None else Path(state_path)
-        if path is not None and world > 1:
-            path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-        done = self.load_state(path) if path is not None else {}
+        if store is None and state_path is not None:
+            path = Path(state_path)
+            if world > 1:
+                path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+            store = self.state_file(path)
+        done, compute_s = store.load() if store is not None else ({}, 0.0)
         mine = [b for b in range(self.total_batches) if b % world == rank]
         start = time.perf_counter()
-        for b in mine:
-            if b in done:
-                continue
-            if should_cancel is not None and should_cancel():
-                raise AuditCancelled(f"cancelled before batch {b} ({len(done)} batches saved)")
-            done[b] = self.run_batch(b, should_cancel)
-            if path is not None:
-                self._save_state(path, done)
-            if progress is not None:
-                progress(
-                    {
-                        "done": len(done),
-                        "total": len(mine),
-                        "batch": b,
-                        "elapsed_s": time.perf_counter() - start,
-                        "clean_correct": sum(done[b]["clean_correct"]),
-                        "batch_size": len(done[b]["labels"]),
-                    }
-                )
+        try:
+            for b in mine:
+                if b in done:
+                    continue
+                if should_cancel is not None and should_cancel():
+                    raise AuditCancelled(f"cancelled before batch {b} ({len(done)} batches saved)")
+                if self.gate is not None:
+                    self.gate.acquire()
+                t0 = time.perf_counter()
+                done[b] = self.run_batch(b, should_cancel)
+                if self.gate is not None:
+                    self.gate.release()  # no device work until the next acquire
+                compute_s += time.perf_counter() - t0
+                if store is not None:
+                    store.save(done, compute_s)
+                if progress is not None:
+                    progress(
+                        {
+                            "done": len(done),
+                            "total": len(mine),
+                            "batch": b,
+                            "elapsed_s": time.perf_counter() - start,
+                            "clean_correct": sum(done[b]["clean_correct"]),
+                            "batch_size": len(done[b]["labels"]),
+                        }
+                    )
+        finally:
+            if self.gate is not None:
+                self.gate.release()  # whatever happened, free the device
         records = list(done.values())
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * world
             torch.distributed.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
-        return self.report(records, elapsed_s=time.perf_counter() - start)
+        return self.report(records, elapsed_s=compute_s)
 
     def non_standard(self) -> list[str]:
         """Why this audit is not the standard evaluation of its suite (empty: it is)."""

@@ -12,16 +12,31 @@ from deqguard.defense.entropy import (
     defended_forward,
     entropy_descent,
 )
-from deqguard.defense.params import PRESETS, DefenseParams, get_preset, list_presets
+from deqguard.defense.params import (
+    DEFENSE_FIELDS,
+    PRESETS,
+    DefenseLimits,
+    DefenseParamError,
+    DefenseParams,
+    Preset,
+    get_preset,
+    list_presets,
+    resolve_defense,
+)
 
 __all__ = [
+    "DEFENSE_FIELDS",
     "PRESETS",
     "BatchParams",
+    "DefenseLimits",
+    "DefenseParamError",
     "DefenseParams",
+    "Preset",
     "DefenseResult",
     "DefenseTrace",
     "defended_forward",
     "entropy_descent",
     "get_preset",
     "list_presets",
+    "resolve_defense",
 ]

@@ -1,16 +1,50 @@
-"""Defense parameters and presets, validated once at the edge (construction).
+"""Defense parameters and presets, and the one resolution of settings into parameters.
 
-The service builds one :class:`DefenseParams` per request; a batch may mix them, so every field is
-per sample and nothing here assumes a batch-wide value.
+Every caller (the v1 and v2 routes, admin audits, the ``deqguard audit`` CLI) turns "a preset
+plus overrides, under some limits" into :class:`DefenseParams` through :func:`resolve_defense`, so
+the rules and the error messages (each naming its field) exist once. A batch may mix parameters,
+so every field is per sample and nothing here assumes a batch-wide value.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
-__all__ = ["PRESETS", "DefenseParams", "get_preset", "list_presets"]
+__all__ = [
+    "DEFENSE_FIELDS",
+    "PRESETS",
+    "DefenseLimits",
+    "DefenseParamError",
+    "DefenseParams",
+    "Preset",
+    "get_preset",
+    "list_presets",
+    "resolve_defense",
+]
+
+DEFENSE_FIELDS: tuple[str, ...] = ("beta", "R", "Tf", "eps", "state")
+"""The per-sample fields of :class:`DefenseParams`, in declaration order."""
+
+
+class Preset(StrEnum):
+    """The named defense settings (values of :data:`PRESETS`)."""
+
+    OFF = "off"
+    PAPER = "paper"
+    FAST = "fast"
+    STRONG = "strong"
+
+
+class DefenseParamError(ValueError):
+    """A defense setting is invalid; ``field`` names it (``preset``, ``R``, ...)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -34,17 +68,19 @@ class DefenseParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.beta, int | float) or not math.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+            raise DefenseParamError(f"beta must be a finite number >= 0, got {self.beta!r}", "beta")
         if not isinstance(self.R, int) or isinstance(self.R, bool) or self.R < 0:
-            raise ValueError(f"R must be an integer >= 0, got {self.R!r}")
+            raise DefenseParamError(f"R must be an integer >= 0, got {self.R!r}", "R")
         if not isinstance(self.Tf, int) or isinstance(self.Tf, bool) or self.Tf < 1:
-            raise ValueError(f"Tf must be an integer >= 1, got {self.Tf!r}")
+            raise DefenseParamError(f"Tf must be an integer >= 1, got {self.Tf!r}", "Tf")
         if not isinstance(self.eps, int | float) or not math.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+            raise DefenseParamError(f"eps must be a finite number >= 0, got {self.eps!r}", "eps")
         if self.state is not None and (
             not isinstance(self.state, int) or isinstance(self.state, bool) or self.state < 1
         ):
-            raise ValueError(f"state must be None or an integer >= 1, got {self.state!r}")
+            raise DefenseParamError(
+                f"state must be None or an integer >= 1, got {self.state!r}", "state"
+            )
 
     @property
     def active(self) -> bool:
@@ -57,26 +93,26 @@ class DefenseParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DefenseParams:
         """Strict: unknown keys are an error (a misspelt field must not pass silently)."""
-        unknown = set(d) - {"beta", "R", "Tf", "eps", "state"}
+        unknown = sorted(set(d) - set(DEFENSE_FIELDS))
         if unknown:
-            raise ValueError(f"unknown defense parameter(s): {sorted(unknown)}")
+            raise DefenseParamError(f"unknown defense parameter(s): {unknown}", unknown[0])
         return cls(**d)
 
 
 PRESETS: dict[str, DefenseParams] = {
     # Early state only (z[N]); no input updates: the undefended cost.
-    "off": DefenseParams(R=0),
+    Preset.OFF: DefenseParams(R=0),
     # The paper's defaults (Sec. 4 / appendix / authors' code): Tf 2, R 10, beta 2/255, eps 8/255.
-    "paper": DefenseParams(beta=2 / 255, R=10, Tf=2, eps=8 / 255),
+    Preset.PAPER: DefenseParams(beta=2 / 255, R=10, Tf=2, eps=8 / 255),
     # Cheaper: one intervention every 4 steps with 5 updates (Table 5: 54.80 vs 55.18 at paper).
-    "fast": DefenseParams(beta=2 / 255, R=5, Tf=4, eps=8 / 255),
+    Preset.FAST: DefenseParams(beta=2 / 255, R=5, Tf=4, eps=8 / 255),
     # Most frequent and longest (Table 5's Tf 1, R 20 corner).
-    "strong": DefenseParams(beta=2 / 255, R=20, Tf=1, eps=8 / 255),
+    Preset.STRONG: DefenseParams(beta=2 / 255, R=20, Tf=1, eps=8 / 255),
 }
 
 
 def list_presets() -> list[str]:
-    return list(PRESETS)
+    return [str(p) for p in PRESETS]
 
 
 def get_preset(name: str) -> DefenseParams:
@@ -84,6 +120,59 @@ def get_preset(name: str) -> DefenseParams:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown defense preset {name!r}; choose one of {list_presets()}"
+        raise DefenseParamError(
+            f"unknown defense preset {name!r}; choose one of {list_presets()}", "preset"
         ) from None
+
+
+@dataclass(frozen=True)
+class DefenseLimits:
+    """Bounds a caller puts on resolved parameters (None: unbounded).
+
+    ``steps`` is the model's solver steps N (``state`` and ``Tf`` must not exceed it);
+    ``max_R`` bounds the cost of one request; ``unit_box`` keeps ``beta`` and ``eps`` in [0, 1]
+    (the images' range: a larger step or radius is a client's mistake, not a setting).
+    """
+
+    steps: int | None = None
+    max_R: int | None = None
+    unit_box: bool = False
+
+
+def resolve_defense(
+    preset: str,
+    overrides: Mapping[str, Any] | None = None,
+    limits: DefenseLimits | None = None,
+) -> DefenseParams:
+    """Preset plus overrides under ``limits`` -> validated DefenseParams.
+
+    ``overrides`` holds DefenseParams fields (each given value wins over the preset's; an
+    unknown key is an error). Raises :class:`DefenseParamError` naming the offending field.
+    """
+    fields = get_preset(preset).to_dict()
+    given = dict(overrides or {})
+    unknown = sorted(set(given) - set(DEFENSE_FIELDS))
+    if unknown:
+        raise DefenseParamError(f"unknown defense parameter(s): {unknown}", unknown[0])
+    fields.update(given)
+    params = DefenseParams(**fields)
+    lim = limits or DefenseLimits()
+    if lim.max_R is not None and params.R > lim.max_R:
+        raise DefenseParamError(f"R must be <= {lim.max_R} on this server, got {params.R}", "R")
+    if lim.steps is not None:
+        n = lim.steps
+        if params.state is not None and params.state > n:
+            raise DefenseParamError(
+                f"state must lie in 1..{n} (the model's solver steps), got {params.state}",
+                "state",
+            )
+        if params.Tf > n:
+            raise DefenseParamError(
+                f"Tf must lie in 1..{n} (the model's solver steps), got {params.Tf}", "Tf"
+            )
+    if lim.unit_box:
+        for key in ("beta", "eps"):
+            value = getattr(params, key)
+            if not math.isfinite(value) or value > 1.0:
+                raise DefenseParamError(f"{key} must lie in [0, 1], got {value}", key)
+    return params
