@@ -23,10 +23,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deqguard.defense import DefenseParamError
+from deqguard.store import StoreError
 from service.api import health, v1, v2
 from service.api.common import field_from_loc
 from service.context import ClientGone, ServiceContext
-from service.errors import PayloadTooLarge, ServiceError
+from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, as_service_error
 from service.schemas import InferRequest
 from service.settings import ServiceSettings
 
@@ -144,22 +146,24 @@ def create_app(
     app.state.ctx = ctx
     app.state.settings = settings
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        ctx.reject(exc.reason)
-        if exc.status_code >= 500 and exc.status_code not in (503, 504):
-            log.warning("%d on %s: %s", exc.status_code, request.url.path, exc.message)
-        return _error_json(exc)
+    async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+        """The one place errors become HTTP answers (service.errors holds the table)."""
+        err = as_service_error(exc)
+        ctx.reject(err.reason)
+        if err.status_code >= 500 and err.status_code not in (503, 504):
+            log.warning("%d on %s: %s", err.status_code, request.url.path, err.message)
+        return _error_json(err)
+
+    for domain in (ServiceError, DefenseParamError, StoreError):
+        app.add_exception_handler(domain, _service_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         name = field_from_loc(err.get("loc", ()))
-        from service.errors import InvalidParameter
-
-        inv = InvalidParameter(f"{name}: {err.get('msg', 'invalid')}", field=name)
-        ctx.reject(inv.reason)
-        return _error_json(inv)
+        return await _service_error(
+            request, InvalidParameter(f"{name}: {err.get('msg', 'invalid')}", field=name)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

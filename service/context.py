@@ -1,8 +1,10 @@
-"""The running service's state, shared by every route: settings, models, batcher, metrics.
+"""The running service's state, shared by every route: settings, resolver, batcher, metrics.
 
 Routers (ours and the admin router a later module adds) reach it as ``request.app.state.ctx``
-or through the :func:`get_ctx` dependency, and send work to the device only through
-:meth:`ServiceContext.infer`, so admission, deadlines, cancellation and metrics live in one place.
+or through the :func:`get_ctx` dependency. They resolve a request with :attr:`resolver` (request
+side) and send work to the device only through :meth:`ServiceContext.infer`, so admission,
+deadlines, cancellation and metrics live in one place; the batcher hands batches to the device
+worker (:mod:`service.worker`), which the routes never import.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 from fastapi import Request
 
+from deqguard.defense import DefenseParams
+from deqguard.device import resolve_device
 from service.batcher import Batcher, Job, JobResult
 from service.errors import DeadlineExceeded, NotReady
-from service.hold import wait_while_held
 from service.metrics import ServiceMetrics
-from service.runtime import ImageOutput, ModelPool, ServedModel, resolve_device, run_batch
+from service.resolver import RequestResolver
 from service.settings import ServiceSettings
+from service.worker import DeviceWorker
 
 __all__ = ["ClientGone", "ServiceContext", "get_ctx"]
 
@@ -38,17 +42,15 @@ class ServiceContext:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        try:
+            self.device = resolve_device(settings.device)
+        except ValueError as exc:
+            raise SystemExit(f"DEQGUARD_DEVICE={settings.device}: {exc}") from None
         self.metrics = ServiceMetrics(self.device)
-        self.pool = ModelPool(
-            settings.model_store,
-            settings.model,
-            self.device,
-            capacity=settings.max_loaded_models,
-            steps=settings.solver_steps,
-        )
+        self.resolver = RequestResolver(settings)
+        self.worker = DeviceWorker(settings, self.device, self.metrics)
         self.batcher = Batcher(
-            self._run,
+            self.worker.run,
             max_batch=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             queue_size=settings.queue_size,
@@ -80,12 +82,11 @@ class ServiceContext:
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher.start()
-        served = await self.batcher.call(self.pool.get, self.settings.model.partition("@")[0])
-        self._update_model_info()
+        served = await self.batcher.call(self.worker.load_default)
         self.loaded = True
         for b in self.settings.warmup_batch_sizes:
             x = torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-            await self.batcher.call(self._warm, served, x)
+            await self.batcher.call(self.worker.warm, served, x)
         self.warmed = True
         self.metrics.ready.set(1)
         log.info(
@@ -95,13 +96,6 @@ class ServiceContext:
             served.sha256[:12],
             self.device,
         )
-
-    def _warm(self, served: ServedModel, x: torch.Tensor) -> None:
-        """One forward with one input-gradient step: touches every kernel a request can use."""
-        from deqguard.defense import DefenseParams
-
-        params = DefenseParams(R=1, Tf=max(1, served.steps // 2))
-        run_batch(served, x, [params] * x.shape[0], chunk=x.shape[0])
 
     async def shutdown(self) -> None:
         self.draining = True
@@ -141,29 +135,24 @@ class ServiceContext:
         """Run CPU-bound request work (decoding, validation) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
 
-    def _update_model_info(self) -> None:
-        self.metrics.model_info.clear()
-        for served in self.pool.loaded():
-            self.metrics.model_info.labels(
-                name=served.name,
-                version=served.version,
-                sha256=served.sha256,
-                device=str(self.device),
-                default=str(served.name == self.pool.default_name).lower(),
-            ).set(1)
+    def is_loaded(self, name: str, version: str) -> bool:
+        """Whether that version of the model is in the device's pool now."""
+        return self.worker.is_loaded(name, version)
+
+    def loaded_models(self) -> list[Any]:
+        """The models in the device's pool (name, version, sha256, loaded_at)."""
+        return self.worker.loaded()
+
+    def load_model(self, ref: str) -> tuple[Any, float, float]:
+        """Off the event loop and the device thread: verify, load and warm up ``ref`` for a
+        hot swap (store errors propagate). Returns (model, load s, warm-up s)."""
+        return self.worker.load(ref)
+
+    def install_model(self, served: Any) -> Any:
+        """Swap a loaded model into the pool in one step; returns the one it replaced."""
+        return self.worker.install(served)
 
     # ------------------------------------------------------------------ device path
-    def _run(
-        self, model: str, images: torch.Tensor, params: Sequence[Any]
-    ) -> tuple[list[ImageOutput], ServedModel]:
-        """Device thread: look up (maybe load) the model and run one batch."""
-        wait_while_held(self.settings.device_hold_file)
-        before = self.pool.peek(model)
-        served = self.pool.get(model)
-        if before is not served and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._update_model_info)
-        return run_batch(served, images, params, chunk=self.settings.max_batch_size), served
-
     def _on_batch(self, model: str, jobs: list[Job], elapsed: float, results: list[Any]) -> None:
         m = self.metrics
         n = sum(j.n for j in jobs)
@@ -183,7 +172,7 @@ class ServiceContext:
         self,
         model: str,
         images: torch.Tensor,
-        params: Sequence[Any],
+        params: Sequence[DefenseParams],
         deadline_ms: float | None,
         request: Request | None = None,
     ) -> JobResult:

@@ -2,24 +2,36 @@
 
 Every rejection is a :class:`ServiceError` carrying its status, a machine-readable ``reason``
 (the label of ``deqguard_rejections_total``) and, where it applies, the offending ``field`` or
-``part``, so clients can tell what to fix. One exception handler in :mod:`service.app` turns them
-into ``{"error": {...}}`` bodies.
+``part``, so clients can tell what to fix. The core's own errors (a bad defense setting, a store
+entry that is missing or fails verification) become service errors in :func:`as_service_error`,
+and the one exception handler in :mod:`service.app` turns both into ``{"error": {...}}`` bodies:
+routes and the admin API raise, they never translate.
 """
 
 from __future__ import annotations
 
+from deqguard.defense import DefenseParamError
+from deqguard.store import StoreError, StoreIntegrityError, StoreNotFoundError
+
 __all__ = [
+    "DOMAIN_ERRORS",
     "BadImage",
     "BatchFailed",
+    "CheckpointRefused",
+    "Conflict",
     "DeadlineExceeded",
+    "Forbidden",
     "InvalidParameter",
     "ModelLoadFailed",
     "ModelNotFound",
+    "NotFound",
     "NotReady",
     "PayloadTooLarge",
     "QueueFull",
     "ServiceError",
+    "Unauthorized",
     "UnsupportedMediaType",
+    "as_service_error",
 ]
 
 
@@ -113,3 +125,59 @@ class BatchFailed(ServiceError):
 
     status_code = 500
     reason = "compute_failed"
+
+
+class Conflict(ServiceError):
+    """The request contradicts the resource's state (an audit already finished, say)."""
+
+    status_code = 409
+    reason = "conflict"
+
+
+class NotFound(ServiceError):
+    """An admin resource (audit job, plot) that does not exist."""
+
+    status_code = 404
+    reason = "not_found"
+
+
+class CheckpointRefused(ServiceError):
+    """The store entry exists but fails verification or warm-up: it is not served."""
+
+    status_code = 422
+    reason = "checkpoint_refused"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    reason = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="deqguard-admin"'})
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    reason = "forbidden"
+
+
+DOMAIN_ERRORS: tuple[tuple[type[Exception], type[ServiceError]], ...] = (
+    # most specific first: the first matching row wins
+    (DefenseParamError, InvalidParameter),
+    (StoreNotFoundError, ModelNotFound),
+    (StoreIntegrityError, ModelLoadFailed),
+    (StoreError, InvalidParameter),  # e.g. a malformed model reference
+)
+"""The core's errors and the service error each one is answered with."""
+
+
+def as_service_error(exc: Exception) -> ServiceError:
+    """``exc`` as the service error :data:`DOMAIN_ERRORS` gives it (a ServiceError as it is;
+    anything else: a 500 that hides the details). Store errors name the field ``model``."""
+    if isinstance(exc, ServiceError):
+        return exc
+    for domain, service in DOMAIN_ERRORS:
+        if isinstance(exc, domain):
+            field = exc.field if isinstance(exc, DefenseParamError) else "model"
+            return service(str(exc), field=field)
+    return ServiceError(f"internal error ({type(exc).__name__})")

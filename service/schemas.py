@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deqguard.defense import Preset
+
 __all__ = [
     "DefenseFields",
     "ErrorBody",
@@ -23,9 +25,13 @@ __all__ = [
     "ModelList",
     "PredictJSON",
     "PredictResponse",
+    "PresetName",
     "StepEntropy",
     "Timing",
 ]
+
+PresetName = Literal[tuple(p.value for p in Preset)]  # type: ignore[valid-type]
+"""The core's presets as the API's (and the settings') choices."""
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
@@ -40,7 +46,7 @@ class DefenseFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["off", "paper", "fast", "strong"] | None = Field(None, description=PRESET_DOC)
+    preset: PresetName | None = Field(None, description=PRESET_DOC)
     beta: float | None = Field(None, ge=0, le=1, description="input step size (l_inf, [0, 1])")
     R: int | None = Field(
         None, ge=0, description="input-gradient steps (Eq. 8) per intervention; 0 = no defense"

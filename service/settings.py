@@ -13,10 +13,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deqguard.store import default_store_root
+from service.schemas import PresetName
 
 __all__ = ["ServiceSettings", "format_settings_error", "load_settings"]
-
-PresetName = Literal["off", "paper", "fast", "strong"]
 
 
 class ServiceSettings(BaseSettings):

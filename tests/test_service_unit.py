@@ -400,24 +400,26 @@ def test_not_ready_is_503_and_extra_routers_are_included(service_store: Path) ->
 
 # ------------------------------------------------------------------------------ model pool
 def test_manifest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
-    from deqguard.store import update_metrics
-    from service.errors import ModelNotFound
-    from service.runtime import ModelPool
+    from deqguard.store import StoreNotFoundError, update_metrics
+    from service.errors import ModelNotFound, as_service_error
+    from service.resolver import RequestResolver
     from tests.conftest import TEST_MODEL, build_test_store
 
     build_test_store(tmp_path)
-    pool = ModelPool(tmp_path, TEST_MODEL, torch.device("cpu"))
-    first = pool.manifest(None)
-    assert pool.manifest(TEST_MODEL) is pool.manifest(TEST_MODEL)  # no re-read per request
-    assert pool.manifest(None) is first
+    resolver = RequestResolver(ServiceSettings(model_store=tmp_path, model=TEST_MODEL))
+    first = resolver.manifest(None)
+    assert resolver.manifest(TEST_MODEL) is resolver.manifest(TEST_MODEL)  # no re-read
+    assert resolver.manifest(None) is first
     update_metrics(tmp_path, TEST_MODEL, {"clean_acc": 0.5})
-    fresh = pool.manifest(None)
+    fresh = resolver.manifest(None)
     assert fresh is not first and fresh.metrics["clean_acc"] == 0.5
-    with pytest.raises(ModelNotFound):
-        pool.manifest(f"{TEST_MODEL}@999")  # a version check is never served from the cache
+    with pytest.raises(StoreNotFoundError) as missing:
+        resolver.manifest(f"{TEST_MODEL}@999")  # a version check is never served from the cache
+    assert isinstance(as_service_error(missing.value), ModelNotFound)
     (tmp_path / TEST_MODEL / "manifest.json").unlink()
-    with pytest.raises(ModelNotFound):
-        pool.manifest(None)
+    with pytest.raises(StoreNotFoundError) as gone:
+        resolver.manifest(None)
+    assert isinstance(as_service_error(gone.value), ModelNotFound)
 
 
 @pytest.mark.parametrize(

@@ -6,22 +6,9 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import ServiceError
+from service.errors import Forbidden, Unauthorized
 
-__all__ = ["Forbidden", "Unauthorized", "require_token"]
-
-
-class Unauthorized(ServiceError):
-    status_code = 401
-    reason = "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="deqguard-admin"'})
-
-
-class Forbidden(ServiceError):
-    status_code = 403
-    reason = "forbidden"
+__all__ = ["require_token"]
 
 
 def require_token(token: str) -> object:

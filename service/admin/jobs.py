@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     idempotency_key TEXT UNIQUE,
     spec TEXT NOT NULL,
+    config TEXT,
     state TEXT NOT NULL,
     created REAL NOT NULL,
     started REAL,
@@ -70,6 +71,8 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
     resumes: int = 0
+    config: dict[str, Any] | None = None
+    """The audit configuration validated when the job was created (what a resume runs)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -93,6 +96,7 @@ class Job:
             error=row["error"],
             cancel_requested=bool(row["cancel_requested"]),
             resumes=row["resumes"],
+            config=json.loads(row["config"]) if row["config"] else None,
         )
 
 
@@ -108,6 +112,9 @@ class JobStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "config" not in columns:  # a database from before configs were stored
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN config TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -126,10 +133,14 @@ class JobStore:
 
     # ------------------------------------------------------------------ create / read
     def create(
-        self, spec: dict[str, Any], samples_total: int, idempotency_key: str | None = None
+        self,
+        spec: dict[str, Any],
+        samples_total: int,
+        idempotency_key: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; with a known idempotency key return that job instead.
-        Returns (job, created)."""
+        """Insert a queued job (its spec and validated config); with a known idempotency key
+        return that job instead. Returns (job, created)."""
         now = time.time()
         with self._tx() as c:
             if idempotency_key is not None:
@@ -140,10 +151,10 @@ class JobStore:
                     return Job.from_row(row), False
             job_id = uuid.uuid4().hex[:16]
             c.execute(
-                "INSERT INTO jobs (id, idempotency_key, spec, state, created, updated, "
-                "samples_total) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, idempotency_key, json.dumps(spec, sort_keys=True), now, now,
-                 samples_total),
+                "INSERT INTO jobs (id, idempotency_key, spec, config, state, created, updated, "
+                "samples_total) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, idempotency_key, json.dumps(spec, sort_keys=True),
+                 None if config is None else json.dumps(config), now, now, samples_total),
             )  # fmt: skip
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row), True

@@ -1,12 +1,17 @@
-"""Request and response bodies of the admin API (validated at the edge: 422 names the field)."""
+"""Request and response bodies of the admin API.
+
+Pydantic checks the shapes; the values of ``defense`` and ``options`` are checked once, when the
+route builds the audit's configuration (:func:`service.admin.audits.audit_config`), which names
+the field in its 422.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.admin.engine import OPTION_FIELDS, SUITES, resolve_defense
+from service.admin.audits import OPTION_FIELDS, SUITES
 
 __all__ = ["AuditRequest", "ModelLoadRequest"]
 
@@ -36,23 +41,6 @@ class AuditRequest(BaseModel):
         + ", ".join(OPTION_FIELDS)
         + "; non-standard budgets are listed in the report's notes",
     )
-
-    @field_validator("defense")
-    @classmethod
-    def _check_defense(cls, v: str | dict[str, Any]) -> str | dict[str, Any]:
-        try:
-            resolve_defense(v)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(str(exc)) from None
-        return v
-
-    @field_validator("options")
-    @classmethod
-    def _check_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(v) - set(OPTION_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown audit option(s) {sorted(unknown)}; known: {OPTION_FIELDS}")
-        return v
 
     model_config["json_schema_extra"] = {
         "examples": [

@@ -17,25 +17,18 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from deqguard.data import CLASSES
-from deqguard.defense import DefenseParams
-from service.context import ServiceContext
-from service.errors import BadImage, InvalidParameter, PayloadTooLarge
+from service.errors import BadImage, InvalidParameter
 from service.imaging import decode_image
-from service.runtime import ImageOutput, resolve_params
-from service.schemas import DefenseFields
+from service.outputs import ImageOutput
 
 __all__ = [
-    "DEFENSE_KEYS",
     "b64decode",
     "decode_all",
     "field_from_loc",
     "image_prediction",
     "invalid_from_validation",
-    "prepare",
     "server_timing",
 ]
-
-DEFENSE_KEYS = ("beta", "R", "Tf", "eps", "state")
 
 
 def field_from_loc(loc: Sequence[Any]) -> str:
@@ -81,26 +74,6 @@ def decode_all(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> torch.Ten
     # its own OpenMP team, and a second team throttles the device thread (service/arbiter.py)
     scaled = np.divide(np.stack(arrays), np.float32(255.0), dtype=np.float32)
     return torch.from_numpy(scaled)
-
-
-def prepare(
-    ctx: ServiceContext, fields: DefenseFields, n_images: int
-) -> tuple[str, DefenseParams, dict[str, Any]]:
-    """Check the image count and the model, and resolve the defense settings."""
-    limit = ctx.settings.max_images_per_request
-    if n_images > limit:
-        raise PayloadTooLarge(
-            f"images: {n_images} images in one request, limit {limit}", field="images"
-        )
-    if n_images == 0:
-        raise InvalidParameter("images: at least one image is required", field="images")
-    manifest = ctx.pool.manifest(fields.model)
-    steps = ctx.pool.steps_of(manifest)
-    overrides = {k: getattr(fields, k) for k in DEFENSE_KEYS}
-    preset = fields.preset or ctx.settings.default_preset
-    params = resolve_params(preset, overrides, steps, ctx.settings.max_defense_steps)
-    applied = {"preset": preset, **params.to_dict(), "steps": steps}
-    return manifest.name, params, applied
 
 
 def _finite(v: float) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.datastructures import UploadFile
@@ -15,7 +15,6 @@ from service.api.common import (
     decode_all,
     elapsed_ms,
     image_prediction,
-    prepare,
     server_timing,
     validate_model,
 )
@@ -30,6 +29,7 @@ from service.schemas import (
     ModelList,
     PredictJSON,
     PredictResponse,
+    PresetName,
 )
 
 __all__ = ["router"]
@@ -124,7 +124,7 @@ _FIELD_DOC = {k: f.description for k, f in DefenseFields.model_fields.items()}
 
 
 async def _query_fields(
-    preset: Annotated[Literal["off", "paper", "fast", "strong"] | None, Query()] = None,
+    preset: Annotated[PresetName | None, Query()] = None,
     beta: Annotated[float | None, Query(ge=0, le=1)] = None,
     R: Annotated[int | None, Query(ge=0, description=_FIELD_DOC["R"])] = None,
     Tf: Annotated[int | None, Query(ge=1, description=_FIELD_DOC["Tf"])] = None,
@@ -252,16 +252,18 @@ async def predict(
     ):
         body_fields["deadline_ms"] = header_deadline
     fields = _merge(query, body_fields)
-    model, params, applied = prepare(ctx, fields, len(blobs))
+    job = ctx.resolver.resolve(fields, len(blobs))
     images = await ctx.offload(decode_all, blobs, ctx.settings.max_image_pixels)
-    result = await ctx.infer(model, images, [params] * len(blobs), fields.deadline_ms, request)
+    result = await ctx.infer(
+        job.model, images, [job.params] * len(blobs), fields.deadline_ms, request
+    )
     served = result.model
     state = request.scope.setdefault("state", {})
     server_timing(state, result.queue_s, result.compute_s)
     return {
         "request_id": state.get("request_id", ""),
         "model": {"name": served.name, "version": served.version, "sha256": served.sha256},
-        "defense": applied,
+        "defense": job.applied,
         "predictions": [image_prediction(i, o) for i, o in enumerate(result.outputs)],
         "timing": {
             "queue_ms": result.queue_s * 1000.0,
@@ -273,11 +275,10 @@ async def predict(
 
 
 def _model_info(ctx: ServiceContext, manifest: Any) -> dict[str, Any]:
-    loaded = ctx.pool.peek(manifest.name)
     return {
         **manifest.to_dict(),
-        "loaded": loaded is not None and loaded.version == manifest.version,
-        "default": manifest.name == ctx.pool.default_name,
+        "loaded": ctx.is_loaded(manifest.name, manifest.version),
+        "default": manifest.name == ctx.resolver.default_name,
     }
 
 
@@ -298,5 +299,5 @@ async def list_models(ctx: ServiceContext = Depends(get_ctx)) -> dict[str, Any]:
 async def get_model(
     name: Annotated[str, Path(pattern=MODEL_REF_PATTERN)], ctx: ServiceContext = Depends(get_ctx)
 ) -> dict[str, Any]:
-    manifest = await ctx.offload(ctx.pool.manifest, name)
+    manifest = await ctx.offload(ctx.resolver.manifest, name)
     return _model_info(ctx, manifest)

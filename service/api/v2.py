@@ -20,15 +20,15 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from deqguard.data import CLASSES
+from deqguard.defense import DEFENSE_FIELDS
 from service.api.common import (
     b64decode,
     decode_all,
-    prepare,
     server_timing,
     validate_model,
 )
 from service.context import ServiceContext, get_ctx
-from service.errors import BadImage, InvalidParameter, ModelNotFound, PayloadTooLarge
+from service.errors import BadImage, InvalidParameter, PayloadTooLarge
 from service.schemas import (
     NAME_PATTERN,
     DefenseFields,
@@ -57,7 +57,7 @@ IGNORED_PARAMS = {
     "content_type",
     "headers",
 }
-DEFENSE_PARAMS = {"preset", "beta", "R", "Tf", "eps", "state", "deadline_ms"}
+DEFENSE_PARAMS = {"preset", *DEFENSE_FIELDS, "deadline_ms"}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 500, 503, 504)
@@ -107,11 +107,7 @@ OUTPUTS: dict[str, tuple[str, str]] = {
 
 
 def _check_model(ctx: ServiceContext, name: str, version: str | None = None) -> Any:
-    ref = name if version is None else f"{name}@{version}"
-    try:
-        return ctx.pool.manifest(ref)
-    except InvalidParameter:
-        raise ModelNotFound(f"model {ref!r} not found", field="model") from None
+    return ctx.resolver.manifest(name if version is None else f"{name}@{version}")
 
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
@@ -140,7 +136,7 @@ async def v2_ready(ctx: ServiceContext = Depends(get_ctx)) -> JSONResponse:
 
 
 def _metadata(ctx: ServiceContext, manifest: Any) -> dict[str, Any]:
-    steps = ctx.pool.steps_of(manifest)
+    steps = ctx.resolver.steps_of(manifest)
     shapes = {
         "probabilities": [-1, len(CLASSES)],
         "entropy_trace": [-1, steps],
@@ -441,12 +437,12 @@ async def _infer(name: str, version: str | None, request: Request, ctx: ServiceC
     ref = name if version is None else f"{name}@{version}"
     fields = fields.model_copy(update={"model": ref})
     n, payload = _read_input(req, binary, ctx)
-    model, params, applied = prepare(ctx, fields, n)
+    job = ctx.resolver.resolve(fields, n)
     if isinstance(payload, list):
         images = await ctx.offload(decode_all, payload, ctx.settings.max_image_pixels)
     else:
         images = payload
-    result = await ctx.infer(model, images, [params] * n, fields.deadline_ms, request)
+    result = await ctx.infer(job.model, images, [job.params] * n, fields.deadline_ms, request)
     state = request.scope.setdefault("state", {})
     server_timing(state, result.queue_s, result.compute_s)
 
@@ -488,7 +484,7 @@ async def _infer(name: str, version: str | None, request: Request, ctx: ServiceC
             "queue_ms": result.queue_s * 1000.0,
             "compute_ms": result.compute_s * 1000.0,
             "batch_size": result.batch_size,
-            "defense": json.dumps(applied),
+            "defense": json.dumps(job.applied),
         },
     }
     if req.id is not None:

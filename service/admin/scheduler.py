@@ -1,5 +1,6 @@
-"""Runs audit jobs: at most ``max_concurrent_audits`` at once, each on its own thread, each
-persisting its partial result after every batch so that a restart resumes it.
+"""Schedules audit jobs: at most ``max_concurrent_audits`` at once, each on its own thread,
+running the core's audit loop (``deqguard.audit.AuditRunner.run``) with the job table as its
+record store, so that a restart resumes from the last finished batch.
 
 Yielding to online traffic: every f-evaluation of an audit's model first passes the gate, the
 device arbiter's (:mod:`service.arbiter`): it waits while predict requests are queued or a
@@ -17,7 +18,6 @@ import asyncio
 import logging
 import shutil
 import threading
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,20 +25,20 @@ from typing import Any
 
 import torch
 
-from deqguard.audit import wilson_interval
-from service.admin.engine import AuditStopped, AuditTask
+from deqguard.audit import AuditCancelled, AuditConfig, wilson_interval
+from deqguard.store import read_manifest
+from service.admin.audits import ArbiterGate, JobRecords, audit_config, finish_report, open_audit
 from service.admin.jobs import Job, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.settings import AdminSettings
 from service.context import ServiceContext
-from service.hold import wait_while_held
 
-__all__ = ["AuditRunner"]
+__all__ = ["AuditScheduler", "progress_of"]
 
 log = logging.getLogger("deqguard.admin")
 
 
-class AuditRunner:
+class AuditScheduler:
     """Schedules, runs, cancels and resumes audit jobs for one service instance."""
 
     def __init__(
@@ -121,103 +121,73 @@ class AuditRunner:
                 self._cancel.pop(job_id, None)
                 self._live.pop(job_id, None)
 
-    def _gate_for(self, job_id: str) -> Any:
+    def _gate_for(self, job_id: str) -> ArbiterGate:
         cancel = self._cancel[job_id]
-        arbiter = self.ctx.batcher.arbiter
-        max_wait = self.settings.audit_yield_max_s
-        yielded = self.metrics.yield_seconds
-
-        def stop() -> bool:
-            return cancel.is_set() or self._shutdown.is_set()
-
-        def gate() -> None:
-            if stop():
-                raise AuditStopped()
-            t0 = time.monotonic()
-            held = wait_while_held(self.ctx.settings.device_hold_file, stop)
-            waited = arbiter.background_gate(max_wait, stop) or held
-            if stop():  # the gate returned without starting a segment
-                raise AuditStopped()
-            if waited:
-                yielded.inc(time.monotonic() - t0)
-
-        return gate
+        return ArbiterGate(
+            self.ctx.batcher.arbiter,
+            self.ctx.settings.device_hold_file,
+            self.settings.audit_yield_max_s,
+            lambda: cancel.is_set() or self._shutdown.is_set(),
+            self.metrics.yield_seconds,
+        )
 
     def plots_dir(self, job_id: str) -> Path:
         return self.settings.state_dir / "audits" / job_id / "plots"
 
+    def _config(self, job: Job) -> AuditConfig:
+        """The configuration validated when the job was created (jobs created before configs
+        were stored: built from the spec, as it was then)."""
+        if job.config is not None:
+            return AuditConfig.from_dict(job.config)
+        manifest = read_manifest(self.ctx.settings.model_store, job.spec["model"])
+        steps = self.ctx.resolver.steps_of(manifest)
+        return audit_config(job.spec, steps, str(self.ctx.device))
+
+    def _progress(self, job_id: str) -> Any:
+        """Per batch: the samples counter and this session's rate (for the ETA)."""
+        session = {"samples": 0}
+
+        def progress(p: dict[str, Any]) -> None:
+            session["samples"] += p["batch_size"]
+            self.metrics.samples.inc(p["batch_size"])
+            wall = p["elapsed_s"]
+            self._live[job_id] = {"samples_per_s": session["samples"] / wall if wall else None}
+
+        return progress
+
     def _execute(self, job_id: str) -> None:
-        """Audit thread: run the remaining batches, persisting after each, then the report."""
+        """Audit thread: the core audit loop on this job's records, then the report."""
         job = self.store.get(job_id)
         assert job is not None
-        gate = self._gate_for(job_id)
+        settings = self.ctx.settings
         try:
-            task = AuditTask(
+            audit = open_audit(
                 job.spec,
-                model_store=self.ctx.settings.model_store,
-                data_root=self.ctx.settings.data_dir,
+                self._config(job),
+                model_store=settings.model_store,
+                data_root=settings.data_dir,
                 device=self.ctx.device,
-                gate=gate,
-                steps=self.ctx.settings.solver_steps,
+                gate=self._gate_for(job_id),
             )
-        except AuditStopped:
-            self._stopped(job_id)
-            return
         except Exception as exc:
             log.warning("audit %s cannot start: %s", job_id, exc)
             self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
             return
-        partial = job.partial or {"batches": []}
-        batches: list[dict[str, Any]] = partial["batches"]
-        done = {b["index"] for b in batches}
-        samples = sum(len(b["labels"]) for b in batches)
-        clean = robust = 0
-        for b in batches:
-            _, c, r = task.batch_counts(b)
-            clean += c
-            robust += r
-        compute_s = job.compute_s
-        session_t0 = time.monotonic()
-        session_samples = 0
+        records = JobRecords(self.store, job)
         try:
-            for index in range(task.n_batches):
-                if index in done:
-                    continue
-                gate()
-                t0 = time.monotonic()
-                res = task.run_batch(index)
-                self.ctx.batcher.arbiter.background_done()  # no device work until the next gate
-                dt = time.monotonic() - t0
-                n, c, r = task.batch_counts(res)
-                batches.append(res)
-                samples += n
-                clean += c
-                robust += r
-                compute_s += dt
-                session_samples += n
-                self.store.save_progress(
-                    job_id,
-                    {"batches": batches},
-                    samples_done=samples,
-                    robust_correct=robust,
-                    clean_correct=clean,
-                    compute_s=compute_s,
-                )
-                self.metrics.samples.inc(n)
-                wall = time.monotonic() - session_t0
-                self._live[job_id] = {"samples_per_s": session_samples / wall if wall else None}
-            report = task.finalize(batches, self.plots_dir(job_id), elapsed_s=compute_s)
-        except AuditStopped:
+            report = audit.run(store=records, progress=self._progress(job_id))
+            report = finish_report(report, job.spec, self.plots_dir(job_id))
+        except AuditCancelled:
             self._stopped(job_id)
             return
         except Exception as exc:
             log.warning("audit %s failed: %s", job_id, traceback.format_exc())
             self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
             return
-        finally:
-            self.ctx.batcher.arbiter.background_done()  # whatever happened, free the device
-        report["job"] = {"id": job_id, "compute_s": compute_s, "resumes": job.resumes}
+        report["job"] = {"id": job_id, "compute_s": report["elapsed_s"], "resumes": job.resumes}
         self.store.finish(job_id, "succeeded", report=report)
+        done = self.store.get(job_id)
+        robust, samples = (done.robust_correct, done.samples_done) if done else (0, 0)
         log.info("audit %s finished: robust %d/%d", job_id, robust, samples)
 
     def _stopped(self, job_id: str) -> None:
