@@ -11,6 +11,11 @@ and clamp after each step), all judged on the model's undefended decision, the h
   z <- (1 - lambda) z + lambda f(z), CE on the head. A grid of (i, Ka, lambda) is screened on the
   first ``screen`` test images; the strongest (lowest accuracy) is rerun on all ``n_test``.
 
+Both surrogates are the core's ``IntermediateSurrogate`` with the authors' extra plain step
+(``plain_first=True``), named as the core names them (``z4-plain-Ka1-lam1``: not the audits'
+``z4-Ka1-lam1``, which has no plain step). The PGD is the core's model-selection PGD
+(:func:`deqguard.attacks.pgd_at_attack`: last iterate, as the training recipes validate).
+
 Usage: ``python -m training.evaluate --run runs/micro-trades --store model_store``.
 """
 
@@ -22,51 +27,28 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from deqguard.attacks import IntermediateSpec, IntermediateSurrogate, pgd_at_attack
 from deqguard.configs import SolverConfig
 from deqguard.data import dataset_fingerprint, load_test
 from deqguard.dynamics import deq_forward
 from deqguard.models import MDEQClassifier, build_model
 from training.checkpoint import read_best, read_state
-from training.losses import pgd_at_attack
 
-__all__ = ["AttackSpec", "eq11_forward", "robust_correct", "main"]
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """Eq. 11 surrogate: start at z[i], one plain f step, ``ka`` damped steps of weight ``lam``."""
-
-    i: int
-    ka: int
-    lam: float
-
-    @property
-    def label(self) -> str:
-        return f"i{self.i}_ka{self.ka}_lam{self.lam:g}"
+__all__ = ["eq11_surrogate", "robust_correct", "main"]
 
 
-def eq11_forward(
-    model: MDEQClassifier, solver: SolverConfig, spec: AttackSpec
-) -> Callable[[Tensor], Tensor]:
-    """logits(x) through the Eq. 11 surrogate; x gets its gradient through the stem and the
-    1 + Ka unrolled steps (the solver's z[i] is a constant, as in the authors' code)."""
-
-    def fwd(x: Tensor) -> Tensor:
-        z_i = deq_forward(model, x, solver, steps=spec.i, record=False).state.detach()
-        injection = model.inject(x)
-        z = model.cell(z_i, injection)
-        for _ in range(spec.ka):
-            z = (1 - spec.lam) * z + spec.lam * model.cell(z, injection)
-        return model.head(z)
-
-    return fwd
+def eq11_surrogate(
+    model: MDEQClassifier, solver: SolverConfig, spec: IntermediateSpec
+) -> IntermediateSurrogate:
+    """logits(x) through the Eq. 11 surrogate with the authors' plain step; x gets its gradient
+    through the stem and the 1 + Ka unrolled steps (the solver's z[i] is a constant)."""
+    return IntermediateSurrogate(model, spec, solver, plain_first=True)
 
 
 @torch.no_grad()
@@ -123,12 +105,12 @@ def load_run_model(run_dir: Path, which: str = "best") -> tuple[MDEQClassifier, 
     return model.eval(), meta
 
 
-def parse_grid(text: str) -> list[AttackSpec]:
+def parse_grid(text: str) -> list[IntermediateSpec]:
     """'i:ka:lam,...' -> specs."""
     specs = []
     for item in text.split(","):
         i, ka, lam = item.split(":")
-        specs.append(AttackSpec(int(i), int(ka), float(lam)))
+        specs.append(IntermediateSpec(int(i), int(ka), float(lam)))
     return specs
 
 
@@ -202,15 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     screen: dict[str, float] = {}
     xs, ys = x[: args.screen], y[: args.screen]
     grid = parse_grid(args.grid)
-    for spec in grid:
-        c = robust_correct(model, xs, ys, eq11_forward(model, solver, spec), solver, **kw)
-        screen[spec.label] = float(c.float().mean())
+    surrogates = [eq11_surrogate(model, solver, spec) for spec in grid]
+    for sur in surrogates:
+        c = robust_correct(model, xs, ys, sur, solver, **kw)
+        screen[sur.name] = float(c.float().mean())
         report("pgd10_intermediate_screen", {"n_images": args.screen, "accuracy": screen})
-    worst = min(grid, key=lambda s: screen[s.label])
-    report("pgd10_intermediate_attack", f"Eq. 11 {worst.label} (strongest of the screen)")
-    inter = robust_correct(model, x, y, eq11_forward(model, solver, worst), solver, **kw)
+    worst = min(surrogates, key=lambda s: screen[s.name])
+    report("pgd10_intermediate_attack", f"Eq. 11 {worst.name} (strongest of the screen)")
+    inter = robust_correct(model, x, y, worst, solver, **kw)
     report("pgd10_intermediate_acc", float(inter.float().mean()))
-    final_spec = AttackSpec(n, args.final_ka, 0.5)
+    final_spec = IntermediateSpec(n, args.final_ka, 0.5)
     report("pgd10_final_attack", f"Eq. 11 surrogate i={n}, 1 plain + {args.final_ka} damped (0.5)")
     n_final = min(args.final_n or args.n_test, args.n_test)
 
@@ -225,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         model,
         x[:n_final],
         y[:n_final],
-        eq11_forward(model, solver, final_spec),
+        eq11_surrogate(model, solver, final_spec),
         solver,
         on_batch=final_progress,
         **kw,
@@ -246,7 +229,7 @@ def _extra_final(
 
     t0 = time.monotonic()
     key = f"pgd10_final_ka{args.extra_final_ka}"
-    spec = AttackSpec(n, args.extra_final_ka, 0.5)
+    spec = IntermediateSpec(n, args.extra_final_ka, 0.5)
 
     def progress(c: Tensor) -> None:
         vals = {f"{key}_acc": float(c.float().mean()), f"{key}_n_images": len(c)}
@@ -263,7 +246,7 @@ def _extra_final(
         model,
         x,
         y,
-        eq11_forward(model, solver, spec),
+        eq11_surrogate(model, solver, spec),
         solver,
         steps=args.steps,
         batch_size=args.batch_size,

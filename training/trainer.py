@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deqguard.attacks.training import pgd_at_attack, trades_attack
 from deqguard.configs import ModelConfig, SolverConfig
 from deqguard.data import (
     CifarSplit,
@@ -40,12 +41,13 @@ from deqguard.data import (
     load_cifar10,
     train_val_split,
 )
+from deqguard.device import resolve_device
 from deqguard.dynamics import deq_forward
 from deqguard.gradients import jacobian_penalty, sample_depth, train_forward
 from deqguard.models import MDEQClassifier, build_model
 from training.checkpoint import STATE_JSON, read_state, write_best, write_state
 from training.config import TrainConfig
-from training.losses import pgd_at_attack, pgd_at_loss, trades_attack, trades_loss
+from training.losses import pgd_at_loss, trades_loss
 
 __all__ = [
     "Dist",
@@ -53,7 +55,6 @@ __all__ = [
     "Trainer",
     "evaluate_pgd",
     "lr_at",
-    "resolve_device",
 ]
 
 SCHEDULE_KEYS = (
@@ -86,14 +87,6 @@ SCHEDULE_KEYS = (
     "seed",
     "n_val",
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
 
 
 def lr_at(step: int, total: int, lr: float, lr_min: float) -> float:

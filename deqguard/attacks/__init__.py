@@ -1,6 +1,7 @@
 """Attacks: PGD on any surrogate, Eq. 11 intermediate-state surrogates, AutoAttack with a
-surrogate-gradient / defended-decision wrapper, adaptive attacks through the defense, and APGD
-on the served prediction (straight-through surrogate)."""
+surrogate-gradient / defended-decision wrapper, adaptive attacks through the defense, APGD
+on the served prediction (straight-through surrogate), and the attacks that build adversarial
+training examples (TRADES, PGD-AT)."""
 
 from deqguard.attacks.apgd import ApgdLoss, ServedSurrogate, apgd_attack
 from deqguard.attacks.autoattack import (
@@ -22,6 +23,7 @@ from deqguard.attacks.surrogates import (
     intermediate_subset,
     undefended_decider,
 )
+from deqguard.attacks.training import pgd_at_attack, trades_attack, trades_kl
 
 __all__ = [
     "NAMED_SUBSETS",
@@ -40,10 +42,13 @@ __all__ = [
     "defended_decider",
     "intermediate_grid",
     "intermediate_subset",
+    "pgd_at_attack",
     "pgd_attack",
     "project_linf",
     "run_autoattack",
     "square_attack",
+    "trades_attack",
+    "trades_kl",
     "transfer_attack",
     "undefended_decider",
 ]

@@ -152,7 +152,11 @@ class IntermediateSurrogate:
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        """The spec's name; with the authors' extra step ``z{i}-plain-Ka{Ka}-lam{lam}``, so
+        that one name never means two attacks."""
+        if not self.plain_first:
+            return self.spec.name
+        return f"z{self.spec.i}-plain-Ka{self.spec.Ka}-lam{self.spec.lam:g}"
 
     def start_state(self, x: Tensor) -> Tensor:
         """z[i] [B, D] from i solver steps (no graph); i = 0 is the zero state."""

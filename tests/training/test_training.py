@@ -16,12 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deqguard.attacks import pgd_at_attack, trades_attack
 from deqguard.configs import ModelConfig, SolverConfig
 from deqguard.data import CifarSplit, DatasetError, load_cifar10, load_test
 from deqguard.dynamics import deq_forward
 from training.cli import main as cli_main
 from training.config import TrainConfig
-from training.losses import pgd_at_attack, pgd_at_loss, trades_attack, trades_loss
+from training.losses import pgd_at_loss, trades_loss
 from training.trainer import Trainer
 
 TINY = ModelConfig(
@@ -195,8 +196,13 @@ def test_trades_step_runs_with_random_depth_and_jacobian(
     assert tr.state.pretrain_end == 0
 
 
-def test_resumed_run_continues_the_same_schedule(tmp_path: Path, cifar_small: CifarSplit) -> None:
-    cfg = _cfg(tmp_path, name="full", random_intermediate="batch", jac_prob=0.5)
+@pytest.mark.parametrize("method", ["trades", "pgd-at"])
+def test_resumed_run_continues_the_same_schedule(
+    tmp_path: Path, cifar_small: CifarSplit, method: str
+) -> None:
+    """Both training attacks (the core's, deqguard.attacks.training): a run stopped after 3
+    steps and resumed ends bit-identical to the uninterrupted one."""
+    cfg = _cfg(tmp_path, name="full", random_intermediate="batch", jac_prob=0.5, method=method)
     full = Trainer(cfg, data=cifar_small, model_config=TINY)
     full.fit()
     cfg_b = replace(cfg, name="split")
@@ -304,7 +310,7 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
 
 
 def test_shipped_recipes_parse() -> None:
-    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    root = Path(__file__).resolve().parents[2] / "training" / "configs"
     from training.config import load_config_file
 
     a = TrainConfig.from_dict(load_config_file(root / "micro-trades.toml"))
@@ -409,8 +415,9 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     Not asserted: robust <= clean accuracy. The evaluator judges each attack on its own, and PGD
     from a random start may land a clean-misclassified image on a correct decision; only
     ``pgd10_per_sample_worst_acc`` (clean & intermediate & final) is bounded by clean."""
+    from deqguard.attacks import IntermediateSpec
     from deqguard.store import load_entry
-    from training.evaluate import AttackSpec, eq11_forward
+    from training.evaluate import eq11_surrogate
     from training.evaluate import main as eval_main
 
     cfg = _cfg(tmp_path, name="m", model="micro", total_steps=1, pretrain_steps=1)
@@ -424,7 +431,10 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     assert eval_main(argv) == 0
     entry = load_entry(store, "m")
     m = entry.manifest.metrics
-    assert set(m["pgd10_intermediate_screen"]["accuracy"]) == {"i1_ka1_lam1", "i2_ka1_lam0.5"}
+    assert set(m["pgd10_intermediate_screen"]["accuracy"]) == {
+        "z1-plain-Ka1-lam1",
+        "z2-plain-Ka1-lam0.5",
+    }
     assert entry.manifest.training_args["steps_done"] == 1
 
     model = entry.model
@@ -438,7 +448,7 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     for i, ka, lam in [(1, 1, 1.0), (2, 1, 0.5), (n, 1, 0.5)]:
         xa = x[:2].clone().requires_grad_(True)
         xb = x[:2].clone().requires_grad_(True)
-        got = eq11_forward(model, solver, AttackSpec(i, ka, lam))(xa)
+        got = eq11_surrogate(model, solver, IntermediateSpec(i, ka, lam))(xa)
         ref = _eq11_logits(model, xb, solver, i, ka, lam)
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
         (g_got,) = torch.autograd.grad(F.cross_entropy(got, y[:2]), xa)
@@ -452,8 +462,12 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     clean = _correct_under_pgd(model, x, y, solver, None, **run)
     assert clean.tolist() == [True, True, True, False]  # the planted head is in the entry
     screen = {
-        "i1_ka1_lam1": acc(_correct_under_pgd(model, x[:2], y[:2], solver, (1, 1, 1.0), **run)),
-        "i2_ka1_lam0.5": acc(_correct_under_pgd(model, x[:2], y[:2], solver, (2, 1, 0.5), **run)),
+        "z1-plain-Ka1-lam1": acc(
+            _correct_under_pgd(model, x[:2], y[:2], solver, (1, 1, 1.0), **run)
+        ),
+        "z2-plain-Ka1-lam0.5": acc(
+            _correct_under_pgd(model, x[:2], y[:2], solver, (2, 1, 0.5), **run)
+        ),
     }
     worst = min(screen, key=screen.__getitem__)  # ties: the first in grid order
     inter = _correct_under_pgd(
@@ -461,7 +475,7 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
         x,
         y,
         solver,
-        {"i1_ka1_lam1": (1, 1, 1.0), "i2_ka1_lam0.5": (2, 1, 0.5)}[worst],
+        {"z1-plain-Ka1-lam1": (1, 1, 1.0), "z2-plain-Ka1-lam0.5": (2, 1, 0.5)}[worst],
         **run,
     )
     final = _correct_under_pgd(model, x, y, solver, (n, 1, 0.5), **run)
