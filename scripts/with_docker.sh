@@ -85,7 +85,8 @@ if ! docker info >/dev/null 2>&1; then
     need_root "starting dockerd"
     log=${DOCKERD_LOG:-/tmp/deqguard-dockerd.log}
     echo "no Docker engine answers: starting dockerd (log: $log)"
-    setsid dockerd >"$log" 2>&1 &
+    # niced: this machine shares its cores with long jobs; containers inherit it
+    nice -n "${DOCKERD_NICE:-10}" setsid dockerd >"$log" 2>&1 &
     started=$!
     trap stop_dockerd EXIT
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done

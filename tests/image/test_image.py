@@ -64,7 +64,7 @@ def test_image_builds_serves_and_drains() -> None:
     name = f"deqguard-image-test-{os.getpid()}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    docker("rm", "-f", name, check=False)
+    docker("rm", "-f", "-v", name, check=False)
     t_start = time.monotonic()
     docker(
         "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
@@ -157,7 +157,7 @@ def test_image_builds_serves_and_drains() -> None:
             assert slow["r"].status_code in (200, 503), slow["r"].text  # type: ignore[attr-defined]
         inflight = slow.get("r").status_code if "r" in slow else repr(slow.get("error"))  # type: ignore[union-attr]
     finally:
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)
 
     figures = {
         "base_image": base,
