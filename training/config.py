@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from deqguard.configs import DEFAULT_SOLVER_STEPS
+
 __all__ = ["Method", "RandomIntermediate", "TrainConfig", "load_config_file"]
 
 Method = Literal["clean", "pgd-at", "trades"]
@@ -35,7 +37,7 @@ class TrainConfig:
     random_intermediate: RandomIntermediate = "off"
     # solver (forward) and the phantom gradient
     solver: Literal["broyden", "anderson", "picard"] = "broyden"
-    solver_steps: int = 8
+    solver_steps: int = DEFAULT_SOLVER_STEPS
     phantom_k: int = 5
     phantom_lambda: float = 0.5
     # training attack (builds the adversarial examples; runs in eval mode)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from deqguard.attacks.surrogates import DefenseGrad, IntermediateSpec, _unroll
-from deqguard.configs import SolverConfig
+from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
 from deqguard.defense import DefenseParams, defended_forward
 from deqguard.dynamics import cached_weights, resolve_solver
 from deqguard.models.mdeq import MDEQClassifier
@@ -49,7 +49,7 @@ class ServedSurrogate(torch.nn.Module):
         params: DefenseParams,
         solver: SolverConfig | FixedPointSolver | None = None,
         *,
-        steps: int = 8,
+        steps: int = DEFAULT_SOLVER_STEPS,
         grad: DefenseGrad = "bpda",
         ka: int = 5,
         lam: float = 0.5,

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deqguard.configs import SolverConfig
+from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
 from deqguard.defense import DefenseParams, defended_forward
 from deqguard.dynamics import cached_weights, cell_fn, deq_forward, resolve_solver
 from deqguard.models.mdeq import MDEQClassifier
@@ -78,7 +78,7 @@ class IntermediateSpec:
 
 
 def intermediate_grid(
-    steps: int = 8, ka_max: int = 9, lams: Sequence[float] = (0.5, 1.0)
+    steps: int = DEFAULT_SOLVER_STEPS, ka_max: int = 9, lams: Sequence[float] = (0.5, 1.0)
 ) -> list[IntermediateSpec]:
     """The paper's full grid: i in 1..N, Ka in 1..9, lam in {0.5, 1} (144 attacks at N = 8)."""
     return [
@@ -111,7 +111,7 @@ NAMED_SUBSETS: dict[str, Callable[[int], list[IntermediateSpec]]] = {
 }
 
 
-def intermediate_subset(name: str, steps: int = 8) -> list[IntermediateSpec]:
+def intermediate_subset(name: str, steps: int = DEFAULT_SOLVER_STEPS) -> list[IntermediateSpec]:
     """A named subset of the grid (``full``, ``half``, ``states``, ``quick``), deduplicated."""
     try:
         specs = NAMED_SUBSETS[name](steps)
@@ -195,7 +195,7 @@ class DefendedSurrogate:
         spec: IntermediateSpec,
         solver: SolverConfig | FixedPointSolver | None = None,
         *,
-        steps: int = 8,
+        steps: int = DEFAULT_SOLVER_STEPS,
         grad: DefenseGrad = "bpda",
     ) -> None:
         if not 1 <= spec.i <= steps:
@@ -228,7 +228,7 @@ def undefended_decider(
     model: MDEQClassifier,
     solver: SolverConfig | FixedPointSolver | None = None,
     *,
-    steps: int = 8,
+    steps: int = DEFAULT_SOLVER_STEPS,
     state: int | None = None,
 ) -> Decider:
     """The early-state prediction without the test-time defense (state default N)."""
@@ -246,7 +246,7 @@ def defended_decider(
     params: DefenseParams | Sequence[DefenseParams],
     solver: SolverConfig | FixedPointSolver | None = None,
     *,
-    steps: int = 8,
+    steps: int = DEFAULT_SOLVER_STEPS,
 ) -> Decider:
     """The full defended pipeline (Algorithm 1 + early state), as served."""
 

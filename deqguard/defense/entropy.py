@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deqguard.configs import SolverConfig
+from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
 from deqguard.defense.params import DefenseParams
 from deqguard.dynamics import (
     cached_weights,
@@ -242,7 +242,7 @@ def defended_forward(
     params: DefenseParams | Sequence[DefenseParams],
     solver: SolverConfig | FixedPointSolver | None = None,
     *,
-    steps: int = 8,
+    steps: int = DEFAULT_SOLVER_STEPS,
     trace: bool = False,
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.

@@ -34,7 +34,7 @@ from deqguard.audit import (
 )
 from deqguard.defense import DefenseParamError, DefenseParams, Preset, resolve_defense
 from deqguard.store import Manifest, load_entry
-from service.admin.jobs import Job, JobStore
+from service.admin.jobs import AuditJob, JobStore
 from service.arbiter import DeviceArbiter
 from service.errors import InvalidParameter
 from service.hold import wait_while_held
@@ -141,7 +141,7 @@ class JobRecords:
     """The core audit's record store on one job's row: each batch's record and the running
     counts (samples, clean and robust correct, compute seconds) in one transaction."""
 
-    def __init__(self, jobs: JobStore, job: Job) -> None:
+    def __init__(self, jobs: JobStore, job: AuditJob) -> None:
         self.jobs = jobs
         self.job = job
 

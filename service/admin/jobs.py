@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVE_STATES", "STATES", "Job", "JobStore"]
+__all__ = ["ACTIVE_STATES", "STATES", "AuditJob", "JobStore"]
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 
 
 @dataclass
-class Job:
+class AuditJob:
     """One row of the job table, decoded."""
 
     id: str
@@ -76,7 +76,7 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: sqlite3.Row) -> AuditJob:
         return cls(
             id=row["id"],
             spec=json.loads(row["spec"]),
@@ -138,7 +138,7 @@ class JobStore:
         samples_total: int,
         idempotency_key: str | None = None,
         config: dict[str, Any] | None = None,
-    ) -> tuple[Job, bool]:
+    ) -> tuple[AuditJob, bool]:
         """Insert a queued job (its spec and validated config); with a known idempotency key
         return that job instead. Returns (job, created)."""
         now = time.time()
@@ -148,7 +148,7 @@ class JobStore:
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    return Job.from_row(row), False
+                    return AuditJob.from_row(row), False
             job_id = uuid.uuid4().hex[:16]
             c.execute(
                 "INSERT INTO jobs (id, idempotency_key, spec, config, state, created, updated, "
@@ -157,14 +157,14 @@ class JobStore:
                  None if config is None else json.dumps(config), now, now, samples_total),
             )  # fmt: skip
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row), True
+        return AuditJob.from_row(row), True
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> AuditJob | None:
         with self._lock:
             row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row) if row is not None else None
+        return AuditJob.from_row(row) if row is not None else None
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
+    def list(self, state: str | None = None, limit: int = 100) -> list[AuditJob]:
         q = "SELECT * FROM jobs"
         args: tuple[Any, ...] = ()
         if state is not None:
@@ -173,15 +173,15 @@ class JobStore:
         q += " ORDER BY created DESC LIMIT ?"
         with self._lock:
             rows = self._conn.execute(q, (*args, limit)).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [AuditJob.from_row(r) for r in rows]
 
-    def active(self) -> list[Job]:
+    def active(self) -> list[AuditJob]:
         """Queued and running jobs, oldest first (the order they run or resume in)."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created"
             ).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [AuditJob.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -239,7 +239,7 @@ class JobStore:
                  job_id),
             )  # fmt: skip
 
-    def request_cancel(self, job_id: str) -> Job | None:
+    def request_cancel(self, job_id: str) -> AuditJob | None:
         """Flag a job for cancellation; a queued one is cancelled at once."""
         now = time.time()
         with self._tx() as c:

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from deqguard.store import StoreError, StoreNotFoundError, parse_ref, validate_name
 from service.admin.audits import audit_config
 from service.admin.auth import require_token
-from service.admin.jobs import Job, JobStore
+from service.admin.jobs import AuditJob, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.scheduler import AuditScheduler, progress_of
 from service.admin.schemas import AuditRequest, ModelLoadRequest
@@ -56,14 +56,14 @@ async def _admin(request: Request) -> AdminState:
     return request.app.state.admin
 
 
-def _job_or_404(admin: AdminState, job_id: str) -> Job:
+def _job_or_404(admin: AdminState, job_id: str) -> AuditJob:
     job = admin.store.get(job_id) if _JOB_ID.match(job_id) else None
     if job is None:
         raise NotFound(f"no audit job {job_id!r}", field="id")
     return job
 
 
-def _job_view(admin: AdminState, job: Job) -> dict[str, Any]:
+def _job_view(admin: AdminState, job: AuditJob) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": job.id,
         "state": job.state,

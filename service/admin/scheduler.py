@@ -28,7 +28,7 @@ import torch
 from deqguard.audit import AuditCancelled, AuditConfig, wilson_interval
 from deqguard.store import read_manifest
 from service.admin.audits import ArbiterGate, JobRecords, audit_config, finish_report, open_audit
-from service.admin.jobs import Job, JobStore
+from service.admin.jobs import AuditJob, JobStore
 from service.admin.metrics import AdminMetrics
 from service.admin.settings import AdminSettings
 from service.context import ServiceContext
@@ -91,7 +91,7 @@ class AuditScheduler:
         self._tasks[job_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str) -> AuditJob | None:
         job = self.store.request_cancel(job_id)
         ev = self._cancel.get(job_id)
         if ev is not None:
@@ -134,7 +134,7 @@ class AuditScheduler:
     def plots_dir(self, job_id: str) -> Path:
         return self.settings.state_dir / "audits" / job_id / "plots"
 
-    def _config(self, job: Job) -> AuditConfig:
+    def _config(self, job: AuditJob) -> AuditConfig:
         """The configuration validated when the job was created (jobs created before configs
         were stored: built from the spec, as it was then)."""
         if job.config is not None:
@@ -201,7 +201,7 @@ class AuditScheduler:
             log.info("audit %s paused for shutdown; it resumes on the next start", job_id)
 
 
-def progress_of(job: Job, live: dict[str, Any]) -> dict[str, Any]:
+def progress_of(job: AuditJob, live: dict[str, Any]) -> dict[str, Any]:
     """The progress block of a job's status: samples, running accuracy with interval, ETA."""
     n = job.samples_done
     lo, hi = wilson_interval(job.robust_correct, n)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deqguard.defense import Preset
 from service.admin.audits import OPTION_FIELDS, SUITES
 
 __all__ = ["AuditRequest", "ModelLoadRequest"]
@@ -28,7 +29,7 @@ class AuditRequest(BaseModel):
     )
     defense: str | dict[str, Any] = Field(
         default="paper",
-        description="Preset name (off, paper, fast, strong) or DefenseParams fields, "
+        description=f"Preset name ({', '.join(Preset)}) or DefenseParams fields, "
         "optionally with `preset` as the base",
     )
     suite: SuiteName = Field(default="quick", description="Attack suite: " + ", ".join(SUITES))
