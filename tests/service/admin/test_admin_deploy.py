@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from service.admin.metrics import AdminMetrics
 from service.metrics import ServiceMetrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "deqguard.json"
 _SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -31,7 +31,7 @@ _SUFFIXES = {
 
 
 def _hadolint() -> str | None:
-    local = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "hadolint"
+    local = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "hadolint"
     return str(local) if local.exists() else shutil.which("hadolint")
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from deqguard.data import load_test
 from service.imaging import encode_png
-from tests.conftest import LiveServer, http, service_command, service_env
+from tests._live import LiveServer, http
+from tests.service._server import service_command, service_env
 
 # live servers on shared, busy CPUs: generous per-test limit (behaviour, not speed, is tested)
 pytestmark = pytest.mark.timeout(900)

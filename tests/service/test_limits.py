@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deqguard.data import load_test
 from service.imaging import encode_png
-from tests.conftest import LiveServer, http, service_command, service_env
+from tests._live import LiveServer, http
+from tests.service._server import service_command, service_env
 
 # live servers on shared, busy CPUs: generous per-test limit (behaviour, not speed, is tested)
 pytestmark = pytest.mark.timeout(900)

@@ -403,7 +403,7 @@ def test_manifest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
     from deqguard.store import StoreNotFoundError, update_metrics
     from service.errors import ModelNotFound, as_service_error
     from service.resolver import RequestResolver
-    from tests.conftest import TEST_MODEL, build_test_store
+    from tests.service._server import TEST_MODEL, build_test_store
 
     build_test_store(tmp_path)
     resolver = RequestResolver(ServiceSettings(model_store=tmp_path, model=TEST_MODEL))

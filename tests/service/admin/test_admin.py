@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from deqguard.audit import validate_report
 from deqguard.models import build_model
 from deqguard.store import save_entry
-from tests._admin_server import AUTH, LiveServer, make_store, wait_job
+from tests._live import LiveServer
+from tests.service.admin._server import AUTH, admin_server, make_store, wait_job
 
 try:
     from deqguard.data import resolve_data_root
@@ -61,7 +62,7 @@ def hold(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store: Path, hold: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = LiveServer(
+    srv = admin_server(
         store, tmp_path_factory.mktemp("state"), DEQGUARD_DEVICE_HOLD_FILE=str(hold)
     ).start()
     yield srv
@@ -112,7 +113,7 @@ def test_auth_paths(server: LiveServer) -> None:
 
 
 def test_admin_api_off_without_token(store: Path, tmp_path: Path) -> None:
-    srv = LiveServer(store, tmp_path / "state", token=None).start()
+    srv = admin_server(store, tmp_path / "state", token=None).start()
     try:
         with srv.client() as c:
             assert c.get("/admin/audits").status_code == 404
@@ -231,7 +232,7 @@ def test_kill9_then_restart_resumes_with_same_result(
     still complete (no gate left in it), never the whole audit."""
     state = tmp_path / "state"
     hold = tmp_path / "hold"
-    srv = LiveServer(store, state, DEQGUARD_DEVICE_HOLD_FILE=str(hold)).start()
+    srv = admin_server(store, state, DEQGUARD_DEVICE_HOLD_FILE=str(hold)).start()
     with srv.client() as c:
         job_id = c.post("/admin/audits", json=AUDIT).json()["id"]
         deadline = time.monotonic() + 600  # hang guard
@@ -241,7 +242,7 @@ def test_kill9_then_restart_resumes_with_same_result(
         hold.touch()
     srv.kill9()
     hold.unlink()
-    srv2 = LiveServer(store, state).start()
+    srv2 = admin_server(store, state).start()
     try:
         with srv2.client() as c:
             status = c.get(f"/admin/audits/{job_id}").json()
@@ -335,7 +336,7 @@ def test_tampered_checkpoint_and_bad_names_refused(server: LiveServer, store: Pa
 
 
 def test_dashboard_metrics_are_on_the_live_metrics_endpoint(server: LiveServer) -> None:
-    from tests.test_admin_deploy import dashboard_metrics, exported_series
+    from tests.service.admin.test_admin_deploy import dashboard_metrics, exported_series
 
     with server.client() as c:
         assert (

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer, service_command, service_env
+from tests._live import LiveServer
+from tests.service._server import service_command, service_env
 
 # every response check except positive_data_acceptance (see above) and max_response_time (speed is
 # shown by benchmarks, never asserted in tests); auth checks are moot without auth

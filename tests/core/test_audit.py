@@ -434,7 +434,7 @@ def test_torchrun_sharded_cli_gives_the_single_process_report(model, tmp_path) -
         text=True,
         timeout=600,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = json.loads((tmp_path / "two" / "report.json").read_text())

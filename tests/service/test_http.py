@@ -1,10 +1,11 @@
-"""The service against a real uvicorn server on 127.0.0.1: the HTTP contract end to end."""
+"""The HTTP contract end to end: the app in process (``create_app`` with its lifespan, through
+httpx), and the Triton client against a real uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -17,9 +18,10 @@ from deqguard.data import CLASSES, load_test
 from deqguard.dynamics import deq_forward
 from deqguard.store import load_entry
 from service.imaging import encode_png
-from tests.conftest import TEST_MODEL, LiveServer, http
+from tests._live import LiveServer
+from tests.service._server import TEST_MODEL
 
-# live servers on shared, busy CPUs: generous per-test limit (behaviour, not speed, is tested)
+# shared, busy CPUs: generous per-test limit (behaviour, not speed, is tested)
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -30,8 +32,8 @@ def test_images() -> tuple[list[bytes], np.ndarray, torch.Tensor]:
     return pngs, split.labels.numpy(), split.float_images()
 
 
-def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = http.get(url + "/metrics").text
+def _metrics(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = client.get("/metrics").text
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -43,9 +45,9 @@ def _get(m: dict, name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _predict_png(url: str, png: bytes, **params: object) -> dict:
-    r = http.post(
-        url + "/v1/predict",
+def _predict_png(client: httpx.Client, png: bytes, **params: object) -> dict:
+    r = client.post(
+        "/v1/predict",
         content=png,
         headers={"Content-Type": "image/png"},
         params=params,
@@ -54,21 +56,21 @@ def _predict_png(url: str, png: bytes, **params: object) -> dict:
     return r.json()
 
 
-def test_three_input_forms_agree(service_server: LiveServer, test_images) -> None:
+def test_three_input_forms_agree(service_client: httpx.Client, test_images) -> None:
     pngs, _, _ = test_images
-    url = service_server.url
-    multi = http.post(
-        url + "/v1/predict",
+    client = service_client
+    multi = client.post(
+        "/v1/predict",
         files=[("images", (f"{i}.png", pngs[i], "image/png")) for i in range(3)],
         data={"preset": "off"},
     )
     assert multi.status_code == 200, multi.text
-    js = http.post(
-        url + "/v1/predict",
+    js = client.post(
+        "/v1/predict",
         json={"images": [base64.b64encode(p).decode() for p in pngs[:3]], "preset": "off"},
     )
     assert js.status_code == 200, js.text
-    raw = [_predict_png(url, pngs[i], preset="off") for i in range(3)]
+    raw = [_predict_png(client, pngs[i], preset="off") for i in range(3)]
     for i in range(3):
         a = multi.json()["predictions"][i]
         b = js.json()["predictions"][i]
@@ -87,14 +89,14 @@ def test_three_input_forms_agree(service_server: LiveServer, test_images) -> Non
 
 
 def test_accuracy_on_200_images_equals_offline(
-    service_server: LiveServer, service_store, test_images
+    service_client: httpx.Client, service_store, test_images
 ) -> None:
     pngs, labels, x = test_images
-    url = service_server.url
+    client = service_client
     preds = []
     for start in range(0, 200, 50):
-        r = http.post(
-            url + "/v1/predict?preset=off",
+        r = client.post(
+            "/v1/predict?preset=off",
             files=[
                 ("images", (f"{i}.png", pngs[i], "image/png")) for i in range(start, start + 50)
             ],
@@ -108,12 +110,12 @@ def test_accuracy_on_200_images_equals_offline(
     assert (served == offline).all()
 
 
-def test_presets_change_the_entropy_trace(service_server: LiveServer, test_images) -> None:
+def test_presets_change_the_entropy_trace(service_client: httpx.Client, test_images) -> None:
     pngs, _, _ = test_images
-    url = service_server.url
-    off = _predict_png(url, pngs[0], preset="off")["predictions"][0]
-    paper = _predict_png(url, pngs[0], preset="paper")
-    fast = _predict_png(url, pngs[0], preset="fast")["predictions"][0]
+    client = service_client
+    off = _predict_png(client, pngs[0], preset="off")["predictions"][0]
+    paper = _predict_png(client, pngs[0], preset="paper")
+    fast = _predict_png(client, pngs[0], preset="fast")["predictions"][0]
     p = paper["predictions"][0]
     assert paper["defense"]["R"] == 10 and paper["defense"]["Tf"] == 2
     assert not any(s["defense_acted"] for s in off["entropy_trace"])
@@ -139,38 +141,32 @@ def test_presets_change_the_entropy_trace(service_server: LiveServer, test_image
         for a, b in zip(p["entropy_trace"][2:], off["entropy_trace"][2:])
     )
     # early state: the prediction comes from the requested state
-    early = _predict_png(url, pngs[0], preset="off", state=3)["predictions"][0]
+    early = _predict_png(client, pngs[0], preset="off", state=3)["predictions"][0]
     assert early["state"] == 3
     assert early["entropy"] == pytest.approx(off["entropy_trace"][2]["entropy"], abs=1e-4)
 
 
-async def _concurrent(url: str, pngs: list[bytes], presets: list[str]) -> list[dict]:
-    async with httpx.AsyncClient(timeout=600) as client:
-
-        async def one(i: int) -> dict:
-            r = await client.post(
-                url + "/v1/predict",
-                content=pngs[i],
-                headers={"Content-Type": "image/png"},
-                params={"preset": presets[i]},
-            )
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        return await asyncio.gather(*(one(i) for i in range(len(presets))))
+def _concurrent(client: httpx.Client, pngs: list[bytes], presets: list[str]) -> list[dict]:
+    """One thread per request, all at once (they share the app's loop, hence batches)."""
+    with ThreadPoolExecutor(max_workers=len(presets)) as pool:
+        futures = [
+            pool.submit(_predict_png, client, pngs[i], preset=presets[i])
+            for i in range(len(presets))
+        ]
+        return [f.result() for f in futures]
 
 
 def test_32_concurrent_clients_are_batched_and_match_unbatched(
-    service_server: LiveServer, test_images
+    service_client: httpx.Client, test_images
 ) -> None:
     pngs, _, _ = test_images
-    url = service_server.url
+    client = service_client
     presets = ["off" if i % 4 else "fast" for i in range(32)]  # mixed settings share batches
-    single = [_predict_png(url, pngs[i], preset=presets[i]) for i in range(32)]
+    single = [_predict_png(client, pngs[i], preset=presets[i]) for i in range(32)]
     assert all(s["timing"]["batch_size"] == 1 for s in single)
-    before = _metrics(url)
-    batched = asyncio.run(_concurrent(url, pngs, presets))
-    after = _metrics(url)
+    before = _metrics(client)
+    batched = _concurrent(client, pngs, presets)
+    after = _metrics(client)
     assert max(b["timing"]["batch_size"] for b in batched) > 1
     n_batches = _get(after, "deqguard_batch_size_count") - _get(before, "deqguard_batch_size_count")
     ones = _get(after, "deqguard_batch_size_bucket", le="1.0") - _get(
@@ -188,10 +184,10 @@ def test_32_concurrent_clients_are_batched_and_match_unbatched(
             assert ts["entropy"] == pytest.approx(tb["entropy"], abs=2e-3)
 
 
-def test_request_id_and_server_timing(service_server: LiveServer, test_images) -> None:
+def test_request_id_and_server_timing(service_client: httpx.Client, test_images) -> None:
     pngs, _, _ = test_images
-    r = http.post(
-        service_server.url + "/v1/predict?preset=off",
+    r = service_client.post(
+        "/v1/predict?preset=off",
         content=pngs[0],
         headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"},
     )
@@ -199,20 +195,20 @@ def test_request_id_and_server_timing(service_server: LiveServer, test_images) -
     assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
     timing = r.headers["server-timing"]
     assert "queue;dur=" in timing and "compute;dur=" in timing and "total;dur=" in timing
-    r2 = http.get(service_server.url + "/livez", headers={"X-Request-ID": "bad id <x>"})
+    r2 = service_client.get("/livez", headers={"X-Request-ID": "bad id <x>"})
     assert r2.headers["x-request-id"] != "bad id" and len(r2.headers["x-request-id"]) == 32
 
 
-def test_models_and_health(service_server: LiveServer) -> None:
-    url = service_server.url
-    models = http.get(url + "/v1/models").json()["models"]
+def test_models_and_health(service_client: httpx.Client) -> None:
+    client = service_client
+    models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == [TEST_MODEL]
     assert models[0]["metrics"]["note"].startswith("random init") and models[0]["default"]
-    one = http.get(url + f"/v1/models/{TEST_MODEL}@1")
+    one = client.get(f"/v1/models/{TEST_MODEL}@1")
     assert one.status_code == 200 and one.json()["loaded"] is True
-    assert http.get(url + "/v1/models/nope").status_code == 404
-    assert http.get(url + "/livez").status_code == 200
-    ready = http.get(url + "/readyz").json()
+    assert client.get("/v1/models/nope").status_code == 404
+    assert client.get("/livez").status_code == 200
+    ready = client.get("/readyz").json()
     assert ready["ready"] and ready["model_loaded"] and ready["warmed_up"]
 
 
@@ -237,11 +233,11 @@ def _png_of_size(w: int, h: int, mode: str = "RGB") -> bytes:
     ],
 )
 def test_bad_parameters_are_422_naming_the_field(
-    service_server: LiveServer, test_images, kwargs: dict, code: int, field: str
+    service_client: httpx.Client, test_images, kwargs: dict, code: int, field: str
 ) -> None:
     pngs, _, _ = test_images
-    r = http.post(
-        service_server.url + "/v1/predict",
+    r = service_client.post(
+        "/v1/predict",
         content=pngs[0],
         headers={"Content-Type": "image/png"},
         **kwargs,
@@ -252,11 +248,11 @@ def test_bad_parameters_are_422_naming_the_field(
 
 
 def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(
-    service_server: LiveServer, test_images
+    service_client: httpx.Client, test_images
 ) -> None:
     pngs, _, _ = test_images
-    url = service_server.url
-    before = _metrics(url)
+    client = service_client
+    before = _metrics(client)
     cases = [
         # (request kwargs, expected code, expected part/field, reason)
         (dict(content=b"not an image", headers={"Content-Type": "image/png"}), 415, "body"),
@@ -283,18 +279,18 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(
         ),
     ]
     for kwargs, code, where in cases:
-        r = http.post(url + "/v1/predict?preset=off", **kwargs)
+        r = client.post("/v1/predict?preset=off", **kwargs)
         assert r.status_code == code, (kwargs.get("headers"), r.text)
         err = r.json()["error"]
         assert where in (err.get("part"), err.get("field")), err
         assert where.split(" ")[0] in err["message"]
-    big = http.post(
-        url + "/v1/predict",
+    big = client.post(
+        "/v1/predict",
         content=b"\0" * (17 * 1024 * 1024),
         headers={"Content-Type": "image/png"},
     )
     assert big.status_code == 413
-    after = _metrics(url)
+    after = _metrics(client)
     for reason, n in {"bad_image": 3, "unsupported_media_type": 3, "invalid_parameter": 3}.items():
         got = _get(after, "deqguard_rejections_total", reason=reason) - _get(
             before, "deqguard_rejections_total", reason=reason
@@ -306,7 +302,7 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(
         == 2
     )
     # still serving
-    assert _predict_png(url, pngs[0], preset="off")["predictions"][0]["label"] in CLASSES
+    assert _predict_png(client, pngs[0], preset="off")["predictions"][0]["label"] in CLASSES
 
 
 def _sample_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -369,14 +365,14 @@ def _reference_decode(data: bytes) -> np.ndarray:
     return np.clip(np.stack(channels), 0, 255)
 
 
-def test_any_mode_and_size_is_converted(service_server: LiveServer, service_store) -> None:
+def test_any_mode_and_size_is_converted(service_client: httpx.Client, service_store) -> None:
     """Every mode and size decodes to the README's conversion (checked against a reference
     computed in the test: within one grey level, on at most 30% of the values (rounding only;
     a swapped channel order, dropped alpha, or a skipped or other resize is off by tens), and
     the server classifies exactly that array (probabilities equal the offline model's on it)."""
     from service.imaging import decode_image
 
-    url = service_server.url
+    client = service_client
     entry = load_entry(service_store, TEST_MODEL)
     cases = [
         ("L", (64, 48), "PNG"),
@@ -403,7 +399,7 @@ def test_any_mode_and_size_is_converted(service_server: LiveServer, service_stor
             assert diff.max() == 0  # 32x32 passes unresized: exactly the file's (converted) pixels
         decoded.append(got)
         media = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
-        r = http.post(url + "/v1/predict?preset=off", content=data, headers={"Content-Type": media})
+        r = client.post("/v1/predict?preset=off", content=data, headers={"Content-Type": media})
         assert r.status_code == 200, (mode, size, fmt, r.text)
         served.append([r.json()["predictions"][0]["probabilities"][k] for k in CLASSES])
     x = torch.from_numpy(np.stack(decoded)).float() / 255
@@ -412,15 +408,15 @@ def test_any_mode_and_size_is_converted(service_server: LiveServer, service_stor
     np.testing.assert_allclose(np.array(served), offline.numpy(), atol=1e-4)
 
 
-def test_metrics_parse_and_counts_match_traffic(service_server: LiveServer, test_images) -> None:
+def test_metrics_parse_and_counts_match_traffic(service_client: httpx.Client, test_images) -> None:
     pngs, _, _ = test_images
-    url = service_server.url
-    before = _metrics(url)
+    client = service_client
+    before = _metrics(client)
     for i in range(3):
-        _predict_png(url, pngs[i], preset="off")
-    _predict_png(url, pngs[3], preset="fast")
-    http.post(url + "/v1/predict?beta=5", content=pngs[0], headers={"Content-Type": "image/png"})
-    after = _metrics(url)
+        _predict_png(client, pngs[i], preset="off")
+    _predict_png(client, pngs[3], preset="fast")
+    client.post("/v1/predict?beta=5", content=pngs[0], headers={"Content-Type": "image/png"})
+    after = _metrics(client)
 
     def delta(name: str, **labels: str) -> float:
         return _get(after, name, **labels) - _get(before, name, **labels)
@@ -460,12 +456,11 @@ def test_v2_with_tritonclient(service_server: LiveServer, test_images) -> None:
     probs = res.as_numpy("probabilities")
     labels = res.as_numpy("label")
     assert probs.shape == (4, 10) and labels.shape == (4,)
-    ref = [
-        _predict_png(
-            service_server.url, encode_png((b * 255).round().astype(np.uint8)), preset="off"
-        )
-        for b in batch
-    ]
+    with httpx.Client(base_url=service_server.url, timeout=600) as http_client:
+        ref = [
+            _predict_png(http_client, encode_png((b * 255).round().astype(np.uint8)), preset="off")
+            for b in batch
+        ]
     for i in range(4):
         assert labels[i].decode() == ref[i]["predictions"][0]["label"]
         assert res.as_numpy("class_index")[i] == ref[i]["predictions"][0]["class_index"]
@@ -480,13 +475,13 @@ def test_v2_with_tritonclient(service_server: LiveServer, test_images) -> None:
     assert res2.as_numpy("probabilities") is None
 
 
-def test_v2_plain_json(service_server: LiveServer, test_images) -> None:
+def test_v2_plain_json(service_client: httpx.Client, test_images) -> None:
     pngs, _, x = test_images
-    url = service_server.url
-    assert http.get(url + "/v2/health/live").status_code == 200
-    assert http.get(url + "/v2/health/ready").json()["ready"] is True
-    assert http.get(url + "/v2/models/nope").status_code == 404
-    assert http.get(url + f"/v2/models/{TEST_MODEL}/versions/1/ready").status_code == 200
+    client = service_client
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json()["ready"] is True
+    assert client.get("/v2/models/nope").status_code == 404
+    assert client.get(f"/v2/models/{TEST_MODEL}/versions/1/ready").status_code == 200
     body = {
         "id": "req-1",
         "parameters": {"preset": "fast"},
@@ -499,7 +494,7 @@ def test_v2_plain_json(service_server: LiveServer, test_images) -> None:
             }
         ],
     }
-    r = http.post(url + f"/v2/models/{TEST_MODEL}/infer", json=body)
+    r = client.post(f"/v2/models/{TEST_MODEL}/infer", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["id"] == "req-1" and out["model_name"] == TEST_MODEL and out["model_version"] == "1"
@@ -507,7 +502,7 @@ def test_v2_plain_json(service_server: LiveServer, test_images) -> None:
     assert named["probabilities"]["shape"] == [2, 10] and len(named["probabilities"]["data"]) == 20
     assert named["defense_acted"]["data"][3] is True  # fast: acts after step 4
     assert named["grad_steps"]["data"] == [10, 10]  # and after step 8
-    v1 = _predict_png(url, pngs[0], preset="fast")["predictions"][0]
+    v1 = _predict_png(client, pngs[0], preset="fast")["predictions"][0]
     assert named["label"]["data"][0] == v1["label"]
     b64 = {
         "inputs": [
@@ -520,7 +515,7 @@ def test_v2_plain_json(service_server: LiveServer, test_images) -> None:
         ],
         "parameters": {"preset": "fast"},
     }
-    r2 = http.post(url + f"/v2/models/{TEST_MODEL}/versions/1/infer", json=b64)
+    r2 = client.post(f"/v2/models/{TEST_MODEL}/versions/1/infer", json=b64)
     assert r2.status_code == 200 and {o["name"]: o for o in r2.json()["outputs"]}["label"][
         "data"
     ] == [v1["label"]]
@@ -533,7 +528,7 @@ def test_v2_plain_json(service_server: LiveServer, test_images) -> None:
         ({"inputs": [{**body["inputs"][0], "data": [0.5] * 10}]}, 422, "inputs[0].data"),
     ]
     for req, code, field in bad:
-        rb = http.post(url + f"/v2/models/{TEST_MODEL}/infer", json=req)
+        rb = client.post(f"/v2/models/{TEST_MODEL}/infer", json=req)
         assert rb.status_code == code, rb.text
         assert rb.json()["error"]["field"] == field
-    assert http.post(url + "/v2/models/nope/infer", json=body).status_code == 404
+    assert client.post("/v2/models/nope/infer", json=body).status_code == 404
