@@ -5,7 +5,10 @@ Every rejection is a :class:`ServiceError` carrying its status, a machine-readab
 ``part``, so clients can tell what to fix. The core's own errors (a bad defense setting, a store
 entry that is missing or fails verification) become service errors in :func:`as_service_error`,
 and the one exception handler in :mod:`service.app` turns both into ``{"error": {...}}`` bodies:
-routes and the admin API raise, they never translate.
+routes and the admin API raise, they never translate. Where the same core error means another
+thing (the device cannot serve an entry; an operator's checkpoint fails verification), the
+place that knows uses its row of this module's tables (:data:`SERVE_ERRORS`,
+:data:`LOAD_ERRORS`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from deqguard.store import StoreError, StoreIntegrityError, StoreNotFoundError
 
 __all__ = [
     "DOMAIN_ERRORS",
+    "LOAD_ERRORS",
+    "SERVE_ERRORS",
     "BadImage",
     "BatchFailed",
     "CheckpointRefused",
@@ -28,6 +33,7 @@ __all__ = [
     "NotReady",
     "PayloadTooLarge",
     "QueueFull",
+    "ErrorTable",
     "ServiceError",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -161,23 +167,44 @@ class Forbidden(ServiceError):
     reason = "forbidden"
 
 
-DOMAIN_ERRORS: tuple[tuple[type[Exception], type[ServiceError]], ...] = (
-    # most specific first: the first matching row wins
-    (DefenseParamError, InvalidParameter),
-    (StoreNotFoundError, ModelNotFound),
-    (StoreIntegrityError, ModelLoadFailed),
-    (StoreError, InvalidParameter),  # e.g. a malformed model reference
+ErrorTable = tuple[tuple[type[Exception], type[ServiceError], str], ...]
+"""Rows of (core error, service error, message template with ``{exc}``); the first row that
+matches wins, so the most specific comes first."""
+
+DOMAIN_ERRORS: ErrorTable = (
+    # a request (or an admin call) names a model or defense settings
+    (DefenseParamError, InvalidParameter, "{exc}"),
+    (StoreNotFoundError, ModelNotFound, "{exc}"),
+    (StoreIntegrityError, ModelLoadFailed, "{exc}"),
+    (StoreError, InvalidParameter, "{exc}"),  # e.g. a malformed model reference
 )
-"""The core's errors and the service error each one is answered with."""
+"""The core's errors on the request side and the service error each one is answered with."""
+
+SERVE_ERRORS: ErrorTable = (
+    # the device loads a model the request side found: what cannot be served is the server's
+    (StoreNotFoundError, ModelNotFound, "{exc}"),
+    (StoreError, ModelLoadFailed, "{exc}"),
+)
+"""Store errors while the device worker loads a model for a batch."""
+
+LOAD_ERRORS: ErrorTable = (
+    # an operator asks for a hot swap: a checkpoint that fails verification is refused
+    (StoreNotFoundError, ModelNotFound, "{exc}"),
+    (StoreError, CheckpointRefused, "refused: {exc}; the current model keeps serving"),
+)
+"""Store errors of an admin model load (``POST /admin/models/{name}/load``)."""
 
 
-def as_service_error(exc: Exception) -> ServiceError:
-    """``exc`` as the service error :data:`DOMAIN_ERRORS` gives it (a ServiceError as it is;
-    anything else: a 500 that hides the details). Store errors name the field ``model``."""
+def as_service_error(
+    exc: Exception, table: ErrorTable = DOMAIN_ERRORS, *, field: str | None = None
+) -> ServiceError:
+    """``exc`` as the service error ``table`` gives it (a ServiceError as it is; anything else:
+    a 500 that hides the details). The field is ``field``, else the defense parameter's, else
+    ``model``."""
     if isinstance(exc, ServiceError):
         return exc
-    for domain, service in DOMAIN_ERRORS:
+    for domain, service, template in table:
         if isinstance(exc, domain):
-            field = exc.field if isinstance(exc, DefenseParamError) else "model"
-            return service(str(exc), field=field)
+            name = field or (exc.field if isinstance(exc, DefenseParamError) else "model")
+            return service(template.format(exc=exc), field=name)
     return ServiceError(f"internal error ({type(exc).__name__})")

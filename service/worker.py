@@ -20,8 +20,8 @@ import torch
 
 from deqguard.configs import SolverConfig, solver_steps
 from deqguard.defense import DefenseParams, Preset, defended_forward, get_preset
-from deqguard.store import LoadedEntry, Manifest, StoreError, StoreNotFoundError, load_entry
-from service.errors import ModelLoadFailed, ModelNotFound
+from deqguard.store import LoadedEntry, Manifest, StoreError, load_entry
+from service.errors import SERVE_ERRORS, as_service_error
 from service.hold import wait_while_held
 from service.metrics import ServiceMetrics
 from service.outputs import ImageOutput
@@ -111,10 +111,8 @@ class ModelPool:
         ref = name if version is None else f"{name}@{version}"
         try:
             entry = load_entry(self.root, ref, device=self.device, inference=True)
-        except StoreNotFoundError as exc:
-            raise ModelNotFound(str(exc), field="model") from None
         except StoreError as exc:  # found but not servable: the server's fault, not the client's
-            raise ModelLoadFailed(str(exc), field="model") from None
+            raise as_service_error(exc, SERVE_ERRORS) from None
         served = _served(entry, self.steps_override)
         with self._lock:
             self._models[name] = served

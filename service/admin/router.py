@@ -19,7 +19,7 @@ import torch
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from deqguard.store import StoreError, StoreNotFoundError, parse_ref, validate_name
+from deqguard.store import StoreError, parse_ref, validate_name
 from service.admin.audits import audit_config
 from service.admin.auth import require_token
 from service.admin.jobs import AuditJob, JobStore
@@ -28,7 +28,15 @@ from service.admin.scheduler import AuditScheduler, progress_of
 from service.admin.schemas import AuditRequest, ModelLoadRequest
 from service.admin.settings import AdminSettings
 from service.context import ServiceContext
-from service.errors import CheckpointRefused, Conflict, InvalidParameter, ModelNotFound, NotFound
+from service.errors import (
+    LOAD_ERRORS,
+    CheckpointRefused,
+    Conflict,
+    InvalidParameter,
+    ModelNotFound,
+    NotFound,
+    as_service_error,
+)
 
 __all__ = ["AdminState", "build_admin_router"]
 
@@ -194,8 +202,11 @@ def _load_ref(admin: AdminState, name: str, body: ModelLoadRequest | None) -> st
         parse_ref(ref)
     except StoreError as exc:
         admin.metrics.model_loads.labels(result="refused").inc()
-        raise InvalidParameter(str(exc), field="name") from None
+        raise as_service_error(exc, field="name") from None
     return ref
+
+
+_LOAD_RESULT = {ModelNotFound: "not_found", CheckpointRefused: "refused"}
 
 
 async def _load(admin: AdminState, ref: str) -> tuple[Any, float, float]:
@@ -204,16 +215,13 @@ async def _load(admin: AdminState, ref: str) -> tuple[Any, float, float]:
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(None, admin.ctx.load_model, ref)
-    except StoreNotFoundError as exc:
-        admin.metrics.model_loads.labels(result="not_found").inc()
-        raise ModelNotFound(str(exc), field="name") from None
     except StoreError as exc:
-        admin.metrics.model_loads.labels(result="refused").inc()
-        log.warning("refused to load %s: %s", ref, exc)
-        raise CheckpointRefused(
-            f"refused: {exc}; the current model keeps serving", field="name"
-        ) from None
-    except Exception as exc:
+        err = as_service_error(exc, LOAD_ERRORS, field="name")
+        admin.metrics.model_loads.labels(result=_LOAD_RESULT[type(err)]).inc()
+        if isinstance(err, CheckpointRefused):
+            log.warning("refused to load %s: %s", ref, exc)
+        raise err from None
+    except Exception as exc:  # verified, but the warm-up forward failed
         admin.metrics.model_loads.labels(result="failed").inc()
         raise CheckpointRefused(
             f"warm-up of {ref} failed ({type(exc).__name__}: {exc}); "
