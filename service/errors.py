@@ -8,7 +8,7 @@ and the one exception handler in :mod:`service.app` turns both into ``{"error": 
 routes and the admin API raise, they never translate. Where the same core error means another
 thing (the device cannot serve an entry; an operator's checkpoint fails verification), the
 place that knows uses its row of this module's tables (:data:`SERVE_ERRORS`,
-:data:`LOAD_ERRORS`).
+:data:`PATH_ERRORS`, :data:`LOAD_ERRORS`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from deqguard.store import StoreError, StoreIntegrityError, StoreNotFoundError
 __all__ = [
     "DOMAIN_ERRORS",
     "LOAD_ERRORS",
+    "PATH_ERRORS",
     "SERVE_ERRORS",
     "BadImage",
     "BatchFailed",
@@ -186,6 +187,14 @@ SERVE_ERRORS: ErrorTable = (
     (StoreError, ModelLoadFailed, "{exc}"),
 )
 """Store errors while the device worker loads a model for a batch."""
+
+PATH_ERRORS: ErrorTable = (
+    # a KServe v2 model path: a name that cannot be an entry names no model
+    (StoreNotFoundError, ModelNotFound, "{exc}"),
+    (StoreIntegrityError, ModelLoadFailed, "{exc}"),
+    (StoreError, ModelNotFound, "{exc}"),
+)
+"""Store errors of a model named in a v2 path (``/v2/models/{name}``: 404, never 422)."""
 
 LOAD_ERRORS: ErrorTable = (
     # an operator asks for a hot swap: a checkpoint that fails verification is refused

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deqguard.data import CLASSES
 from deqguard.defense import DEFENSE_FIELDS
+from deqguard.store import StoreError
 from service.api.common import (
     b64decode,
     decode_all,
@@ -28,7 +29,13 @@ from service.api.common import (
     validate_model,
 )
 from service.context import ServiceContext, get_ctx
-from service.errors import BadImage, InvalidParameter, PayloadTooLarge
+from service.errors import (
+    PATH_ERRORS,
+    BadImage,
+    InvalidParameter,
+    PayloadTooLarge,
+    as_service_error,
+)
 from service.schemas import (
     NAME_PATTERN,
     DefenseFields,
@@ -107,7 +114,10 @@ OUTPUTS: dict[str, tuple[str, str]] = {
 
 
 def _check_model(ctx: ServiceContext, name: str, version: str | None = None) -> Any:
-    return ctx.resolver.manifest(name if version is None else f"{name}@{version}")
+    try:
+        return ctx.resolver.manifest(name if version is None else f"{name}@{version}")
+    except StoreError as exc:
+        raise as_service_error(exc, PATH_ERRORS) from None
 
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")

@@ -321,6 +321,64 @@ def test_cancel_and_resume_give_the_uninterrupted_result(model, data, tmp_path) 
         AuditRunner(_cfg(seed=1), model=model, images=x, labels=y).run(state_path=state)
 
 
+class _MemoryStore:
+    """An AuditStore in memory (the service's is its SQLite job table)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, dict] = {}
+        self.compute_s = 0.0
+        self.saves = 0
+
+    def load(self) -> tuple[dict[int, dict], float]:
+        return dict(self.done), self.compute_s
+
+    def save(self, done: dict[int, dict], compute_s: float) -> None:
+        self.done, self.compute_s, self.saves = dict(done), compute_s, self.saves + 1
+
+
+class _CountingGate:
+    """A DeviceGate that counts; once armed, it stops the audit at the ``after``-th acquire."""
+
+    def __init__(self) -> None:
+        self.acquired = self.released = 0
+        self.countdown: int | None = None
+
+    def arm(self, after: int) -> None:
+        self.countdown = after
+
+    def acquire(self) -> None:
+        self.acquired += 1
+        if self.countdown is not None:
+            self.countdown -= 1
+            if self.countdown <= 0:
+                raise AuditCancelled("stopped by the gate")
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_the_one_loop_with_a_store_and_a_gate(model, data) -> None:
+    """The service's hooks on the core loop: every f-evaluation of the model passes the gate
+    (a stop there, mid-batch, discards only the batch in progress), each finished batch
+    reaches the store, and a resumed run gives the uninterrupted result."""
+    import copy
+
+    x, y = data
+    full = AuditRunner(_cfg(), model=model, images=x, labels=y).run()
+    store, gate = _MemoryStore(), _CountingGate()
+    AuditRunner(_cfg(), model=copy.deepcopy(model), images=x, labels=y, gate=gate).run(store=store)
+    assert store.saves == 2 and sorted(store.done) == [0, 1]
+    assert gate.acquired > 2 and gate.released >= 2  # per f-evaluation, and per batch
+    stopped, stopper = _MemoryStore(), _CountingGate()
+    runner = AuditRunner(_cfg(), model=copy.deepcopy(model), images=x, labels=y, gate=stopper)
+    with pytest.raises(AuditCancelled):  # 3 acquires into the second batch: mid-batch
+        runner.run(store=stopped, progress=lambda _: stopper.arm(3))
+    assert sorted(stopped.done) == [0] and stopper.released >= 1
+    resumed = AuditRunner(_cfg(), model=copy.deepcopy(model), images=x, labels=y).run(store=stopped)
+    assert sorted(stopped.done) == [0, 1]
+    assert _strip(resumed) == _strip(full)
+
+
 def test_only_clean_correct_images_are_attacked_unless_asked(model, data) -> None:
     x, _ = data
     pred = defended_forward(model, x, DEFENSE, steps=2).prediction

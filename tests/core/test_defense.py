@@ -151,3 +151,35 @@ def test_entropy_descent_matches_a_plain_reference(model, images) -> None:
                 x = torch.minimum(torch.maximum(x, x0[b : b + 1] - eps[b]), x0[b : b + 1] + eps[b])
                 x = x.clamp(0, 1)
         torch.testing.assert_close(got[b : b + 1], x, atol=1e-12, rtol=0)
+
+
+def test_resolve_defense_is_the_one_resolution_and_names_the_field() -> None:
+    """Preset plus overrides under limits; each refusal names its field (what the service's
+    422 and the admin's audit validation report)."""
+    from deqguard.defense import (
+        PRESETS,
+        DefenseLimits,
+        DefenseParamError,
+        Preset,
+        resolve_defense,
+    )
+
+    assert resolve_defense("paper") == PRESETS[Preset.PAPER]
+    got = resolve_defense(Preset.FAST, {"R": 2, "state": 3})
+    assert (got.R, got.Tf, got.state, got.beta) == (2, 4, 3, PRESETS["fast"].beta)
+    limits = DefenseLimits(steps=8, max_R=50, unit_box=True)
+    cases = [
+        (("nope", {}, None), "preset"),
+        (("off", {"bogus": 1}, None), "bogus"),
+        (("off", {"R": -1}, None), "R"),
+        (("off", {"R": 51}, limits), "R"),
+        (("off", {"state": 9}, limits), "state"),
+        (("off", {"Tf": 9}, limits), "Tf"),
+        (("off", {"eps": 1.5}, limits), "eps"),
+        (("off", {"beta": float("nan")}, limits), "beta"),
+    ]
+    for (preset, overrides, lim), field in cases:
+        with pytest.raises(DefenseParamError) as err:
+            resolve_defense(preset, overrides, lim)
+        assert err.value.field == field and field in str(err.value), (overrides, err.value)
+    assert resolve_defense("off", {"eps": 1.5}).eps == 1.5  # no unit box asked for

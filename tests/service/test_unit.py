@@ -458,3 +458,46 @@ def test_device_workers_compute_batches_side_by_side(workers: int, starts: list[
         assert device.starts[4:] == [round(t0, 6)] * workers
 
     run_virtual(main)
+
+
+def test_one_error_table_for_model_lookups(service_store: Path) -> None:
+    """The same store error, answered by where it happens (service/errors.py's tables): a
+    malformed name is a bad parameter in v1 (422 naming ``model``) and no model in a v2 path
+    (404, the only error v2 documents there); the app need not be started for look-ups."""
+    from deqguard.store import StoreError, StoreIntegrityError, StoreNotFoundError
+    from service.app import create_app
+    from service.errors import (
+        LOAD_ERRORS,
+        PATH_ERRORS,
+        SERVE_ERRORS,
+        CheckpointRefused,
+        InvalidParameter,
+        ModelLoadFailed,
+        ModelNotFound,
+        as_service_error,
+    )
+
+    settings = ServiceSettings(model_store=service_store, model="test-micro", device="cpu")
+    app = create_app(settings)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            v1 = await client.get("/v1/models/a..b")
+            assert v1.status_code == 422 and v1.json()["error"]["field"] == "model"
+            for path in ("/v2/models/a..b", "/v2/models/nope", "/v2/models/a..b/ready"):
+                r = await client.get(path)
+                assert r.status_code == 404, (path, r.text)
+                assert r.json()["error"]["reason"] == "model_not_found"
+
+    asyncio.run(main())
+    bad, missing, broken = StoreError("x"), StoreNotFoundError("x"), StoreIntegrityError("x")
+    assert isinstance(as_service_error(bad), InvalidParameter)
+    assert isinstance(as_service_error(bad, PATH_ERRORS), ModelNotFound)
+    assert isinstance(as_service_error(broken), ModelLoadFailed)
+    assert isinstance(as_service_error(broken, SERVE_ERRORS), ModelLoadFailed)
+    refused = as_service_error(broken, LOAD_ERRORS, field="name")
+    assert isinstance(refused, CheckpointRefused) and refused.field == "name"
+    assert refused.status_code == 422 and "keeps serving" in refused.message
+    for table in (PATH_ERRORS, SERVE_ERRORS, LOAD_ERRORS):
+        assert isinstance(as_service_error(missing, table), ModelNotFound)
