@@ -20,6 +20,7 @@ import shutil
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,8 @@ class AuditScheduler:
     def _config(self, job: AuditJob) -> AuditConfig:
         """The configuration validated when the job was created (jobs created before configs
         were stored: built from the spec, as it was then)."""
-        if job.config is not None:
-            return AuditConfig.from_dict(job.config)
+        if job.config is not None:  # on the device this server has now
+            return replace(AuditConfig.from_dict(job.config), device=str(self.ctx.device))
         manifest = read_manifest(self.ctx.settings.model_store, job.spec["model"])
         steps = self.ctx.resolver.steps_of(manifest)
         return audit_config(job.spec, steps, str(self.ctx.device))

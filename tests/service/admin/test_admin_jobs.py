@@ -52,3 +52,35 @@ def test_job_store_idempotency_progress_cancel_and_reopen(tmp_path: Path) -> Non
     reopened.finish(a.id, "succeeded", report={"ok": True})
     assert reopened.get(a.id).report == {"ok": True} and not reopened.active()
     assert reopened.get("nope") is None
+
+
+def test_job_store_keeps_the_validated_config_and_opens_an_older_database(
+    tmp_path: Path,
+) -> None:
+    """A job keeps the AuditConfig it was accepted with (what a resume runs); a database
+    written before configs were stored gains the column and its jobs read back without one."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, spec TEXT NOT NULL,"
+        " state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL,"
+        " updated REAL NOT NULL, samples_done INTEGER NOT NULL DEFAULT 0,"
+        " samples_total INTEGER NOT NULL, robust_correct INTEGER NOT NULL DEFAULT 0,"
+        " clean_correct INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0,"
+        " partial TEXT, report TEXT, error TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,"
+        " resumes INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO jobs (id, spec, state, created, updated, samples_total)"
+        " VALUES ('0123456789abcdef', '{}', 'running', 0, 0, 8);"
+    )
+    conn.commit()
+    conn.close()
+    store = JobStore(db)
+    old = store.get("0123456789abcdef")
+    assert old is not None and old.config is None and old.state == "running"
+    config = {"model": "m@1", "suite": "quick", "n": 8, "defense": "paper"}
+    job, created = store.create(SPEC, 8, config=config)
+    assert created and job.config == config
+    store.close()
+    assert JobStore(db).get(job.id).config == config
