@@ -20,7 +20,7 @@ from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
 from deqguard.configs import DEFAULT_SOLVER_STEPS
-from deqguard.defense import DefenseParams, Preset, list_presets, resolve_defense
+from deqguard.defense import DefenseParams, defense_from_spec, list_presets
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,11 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _defense(text: str) -> str | DefenseParams:
-    """A preset name as it is (the report names it), or JSON fields resolved by the core."""
-    if text.lstrip().startswith("{"):
-        fields = json.loads(text)
-        return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields)
-    return text
+    """A preset name, or JSON fields (optionally with ``preset``) resolved by the core."""
+    return defense_from_spec(json.loads(text) if text.lstrip().startswith("{") else text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "DefenseParamError",
     "DefenseParams",
     "Preset",
+    "defense_from_spec",
     "get_preset",
     "list_presets",
     "resolve_defense",
@@ -176,3 +177,13 @@ def resolve_defense(
             if not math.isfinite(value) or value > 1.0:
                 raise DefenseParamError(f"{key} must lie in [0, 1], got {value}", key)
     return params
+
+
+def defense_from_spec(spec: str | Mapping[str, Any]) -> str | DefenseParams:
+    """An audit's defense as written (admin API, ``deqguard audit --defense``): a preset name
+    as it is (checked when the audit's config is built, and named in its report), or a mapping
+    of DefenseParams fields with an optional ``preset`` base (default ``off``), resolved."""
+    if isinstance(spec, str):
+        return spec
+    fields = dict(spec)
+    return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields)

@@ -32,7 +32,7 @@ from deqguard.audit import (
     markdown_summary,
     write_plots,
 )
-from deqguard.defense import DefenseParamError, DefenseParams, Preset, resolve_defense
+from deqguard.defense import DefenseParamError, defense_from_spec
 from deqguard.store import Manifest, load_entry
 from service.admin.jobs import AuditJob, JobStore
 from service.arbiter import DeviceArbiter
@@ -61,15 +61,6 @@ OPTION_FIELDS = (
 SMOKE_PGD_STEPS = 2
 
 
-def _defense(defense: str | dict[str, Any]) -> str | DefenseParams:
-    """A preset name as it is (the report names it), or DefenseParams fields with an optional
-    ``preset`` base (default ``off``), resolved by the core."""
-    if isinstance(defense, str):
-        return defense
-    fields = dict(defense)
-    return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields)
-
-
 def audit_config(spec: dict[str, Any], steps: int, device: str) -> AuditConfig:
     """The deqguard.audit configuration of a job spec: the one validation of an audit request
     (InvalidParameter naming ``defense`` or ``options``)."""
@@ -88,7 +79,7 @@ def audit_config(spec: dict[str, Any], steps: int, device: str) -> AuditConfig:
     try:
         return AuditConfig(
             model=spec["model"],
-            defense=_defense(spec["defense"]),
+            defense=defense_from_spec(spec["defense"]),
             suite="quick" if suite == SMOKE else suite,
             n=int(spec["n_samples"]),
             batch_size=int(spec["batch_size"]),
