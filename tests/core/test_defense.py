@@ -183,3 +183,9 @@ def test_resolve_defense_is_the_one_resolution_and_names_the_field() -> None:
             resolve_defense(preset, overrides, lim)
         assert err.value.field == field and field in str(err.value), (overrides, err.value)
     assert resolve_defense("off", {"eps": 1.5}).eps == 1.5  # no unit box asked for
+    # an audit's defense as written: a preset name as it is, or fields on an optional base
+    from deqguard.defense import defense_from_spec
+
+    assert defense_from_spec("paper") == "paper"
+    assert defense_from_spec({"preset": "paper", "R": 2}) == resolve_defense("paper", {"R": 2})
+    assert defense_from_spec({"R": 2}) == resolve_defense("off", {"R": 2})
