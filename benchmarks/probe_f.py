@@ -4,6 +4,12 @@
     python benchmarks/probe_f.py profile   # tiny's f (random weights), batch 64, 1 thread: op breakdown
     python benchmarks/probe_f.py batch     # micro-trades-ri served path, batch 16 vs 32, off and paper
     python benchmarks/probe_f.py head      # head over 8 states x 32 rows: one call vs row chunks
+    python benchmarks/probe_f.py alloc     # tiny served path, 1 thread: page faults and CPU time
+                                           # with glibc's default vs deqguard.cpu_memory
+    python benchmarks/probe_f.py inplace   # one [64, 120, 32, 32] channels-last tensor, 1 thread:
+                                           # ReLU / add into a fresh tensor vs in place
+    python benchmarks/probe_f.py defended  # tiny served form, batch 64, 2 threads: op breakdown of
+                                           # the undefended path and of Tf 2, R 10
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
@@ -71,6 +77,77 @@ def profile_probe() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def defended_probe() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from deqguard.configs import SolverConfig
+    from deqguard.defense import DefenseParams, defended_forward
+    from deqguard.models import build_model, prepare_for_inference
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    m = prepare_for_inference(build_model("tiny"))
+    x = torch.rand(64, 3, 32, 32)
+    cfg = SolverConfig(max_steps=8, tol=0.0)
+    for params in (DefenseParams(R=0), DefenseParams(R=10, Tf=2)):
+        defended_forward(m, x, params, cfg, steps=8)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            defended_forward(m, x, params, cfg, steps=8)
+        print(f"R={params.R} Tf={params.Tf}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
+
+
+_ALLOC_CHILD = """
+import resource, sys, time, torch
+from deqguard.configs import SolverConfig
+from deqguard.cpu_memory import retain_freed_memory
+from deqguard.defense import DefenseParams, defended_forward
+from deqguard.models import build_model, prepare_for_inference
+if sys.argv[1] == "retain":
+    retain_freed_memory()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+m = prepare_for_inference(build_model("tiny"))
+x = torch.rand(64, 3, 32, 32)
+cfg = SolverConfig(max_steps=8, tol=0.0)
+for p in (DefenseParams(R=0), DefenseParams(R=10, Tf=2)):
+    defended_forward(m, x, p, cfg, steps=8)
+    cpu, flt = [], []
+    for _ in range(3):
+        r0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        defended_forward(m, x, p, cfg, steps=8)
+        cpu.append(time.process_time() - c0)
+        flt.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(sys.argv[1], f"R={p.R}", "CPU s", [round(c, 2) for c in cpu], "faults", flt,
+          "max RSS MiB", rss, flush=True)
+"""
+
+
+def alloc_probe() -> None:
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    for mode in ("default", "retain", "default", "retain"):  # separate processes: mallopt is global
+        subprocess.run([sys.executable, "-c", _ALLOC_CHILD, mode], cwd=root, check=True)
+
+
+def inplace_probe() -> None:
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    x = torch.randn(64, 120, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randn_like(x)
+    for _ in range(2):
+        print(
+            "ms: relu", round(_ms(lambda: F.relu(x), 10), 2),
+            "relu_", round(_ms(lambda: x.relu_(), 10), 2),
+            "add", round(_ms(lambda: x + y, 10), 2),
+            "add_", round(_ms(lambda: x.add_(y), 10), 2),
+            flush=True,
+        )  # fmt: skip
+
+
 def batch_probe() -> None:
     from deqguard.data import load_test
     from deqguard.defense import defended_forward, get_preset
@@ -116,6 +193,12 @@ def head_probe() -> None:
 
 
 if __name__ == "__main__":
-    {"compile": compile_probe, "profile": profile_probe, "batch": batch_probe, "head": head_probe}[
-        sys.argv[1] if len(sys.argv) > 1 else "profile"
-    ]()
+    {
+        "compile": compile_probe,
+        "profile": profile_probe,
+        "batch": batch_probe,
+        "head": head_probe,
+        "defended": defended_probe,
+        "alloc": alloc_probe,
+        "inplace": inplace_probe,
+    }[sys.argv[1] if len(sys.argv) > 1 else "profile"]()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from fastapi import Request
 
+from deqguard.cpu_memory import retain_freed_memory
 from deqguard.defense import DefenseParams
 from deqguard.device import resolve_device
 from service.batcher import Batcher, Job, JobResult
@@ -46,6 +47,8 @@ class ServiceContext:
             self.device = resolve_device(settings.device)
         except ValueError as exc:
             raise SystemExit(f"DEQGUARD_DEVICE={settings.device}: {exc}") from None
+        if settings.cpu_retain_memory:
+            retain_freed_memory()
         self.metrics = ServiceMetrics(self.device)
         self.resolver = RequestResolver(settings)
         self.worker = DeviceWorker(settings, self.device, self.metrics)

@@ -20,6 +20,7 @@ from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
 from deqguard.configs import DEFAULT_SOLVER_STEPS
+from deqguard.cpu_memory import retain_freed_memory
 from deqguard.defense import DefenseParams, defense_from_spec, list_presets
 
 
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help (0) or a usage error (2): an exit code, not an exit
         return int(exc.code or 0)
+    retain_freed_memory()  # attacks run thousands of forwards: reuse pages (cpu_memory)
     try:
         aa = tuple(a for a in args.aa_attacks.split(",") if a)
         cfg = AuditConfig(

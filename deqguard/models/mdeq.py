@@ -76,13 +76,13 @@ class MDEQClassifier(nn.Module):
         self.stem = nn.Sequential(
             conv3x3(3, c0, stride=config.stem_stride),
             nn.BatchNorm2d(c0),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             conv3x3(c0, c0),
             nn.BatchNorm2d(c0),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
         )
         self.stem_inject: nn.Module = (
-            nn.Sequential(conv1x1(c0, c0), nn.BatchNorm2d(c0), nn.ReLU())
+            nn.Sequential(conv1x1(c0, c0), nn.BatchNorm2d(c0), nn.ReLU(inplace=True))
             if nb > 2
             else nn.Identity()
         )
@@ -101,7 +101,7 @@ class MDEQClassifier(nn.Module):
             self.fuse.append(row)
         self.post_fuse = nn.ModuleList(
             nn.Sequential(
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 torch.nn.utils.parametrizations.weight_norm(conv1x1(c, c)),
                 nn.GroupNorm(g // 2, c, affine=False),
             )
@@ -115,14 +115,14 @@ class MDEQClassifier(nn.Module):
             nn.Sequential(
                 conv3x3(heads[i] * exp, heads[i + 1] * exp, stride=2, bias=True),
                 nn.BatchNorm2d(heads[i + 1] * exp),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
             )
             for i in range(nb - 1)
         )
         self.head_final = nn.Sequential(
             nn.Conv2d(heads[-1] * exp, config.final_channels, kernel_size=1),
             nn.BatchNorm2d(config.final_channels),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(config.final_channels, config.num_classes)
 
@@ -184,10 +184,16 @@ class MDEQClassifier(nn.Module):
         ]
         fused = []
         for i, row in enumerate(self.fuse):
+            # outs[i] + sum_j layer(outs[j]) in the same order, accumulated in place into the
+            # first new tensor (float addition is commutative, so the values are unchanged);
+            # with one branch the sum is outs[0] itself, which post_fuse's ReLU may overwrite
+            # as nothing reads it afterwards
             acc = outs[i]
+            fresh = len(row) == 1
             for j, layer in enumerate(row):
                 if j != i:
-                    acc = acc + layer(outs[j])
+                    acc = acc.add_(layer(outs[j])) if fresh else layer(outs[j]).add_(acc)
+                    fresh = True
             fused.append(self.post_fuse[i](acc))
         return self.flatten(fused)
 
@@ -196,7 +202,7 @@ class MDEQClassifier(nn.Module):
         branches = self.unflatten(z)
         y = self.head_incre[0](branches[0])
         for i, down in enumerate(self.head_down):
-            y = self.head_incre[i + 1](branches[i + 1]) + down(y)
+            y = self.head_incre[i + 1](branches[i + 1]) + down(y)  # both are ReLU outputs
         y = self.head_final(y)
         # global average pool over (H, W) as a mean over the rows of an (H*W, C) view: for a
         # channels-last y that is a view, and its backward stays channels-last (the pooling op's

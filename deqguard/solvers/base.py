@@ -223,7 +223,11 @@ class FixedPointSolver(ABC):
                 self._observe(state, z_new, fz_new, moved)
                 state.nfe = state.nfe + moved.long()
                 improved = moved & (res_new < state.best_residual)
-                state.best_z = torch.where(improved[:, None], z_new, state.best_z)
+                state.best_z = (
+                    z_new  # the usual case: skip a pass over [B, D]
+                    if bool(improved.all())
+                    else torch.where(improved[:, None], z_new, state.best_z)
+                )
                 state.best_residual = torch.where(improved, res_new, state.best_residual)
                 state.best_step = torch.where(
                     improved, torch.full_like(state.best_step, state.steps + 1), state.best_step
