@@ -99,10 +99,9 @@ def conv_rate(convs: list, repeats: int = 10) -> float:
 
 
 def measure(model, x: torch.Tensor, params: DefenseParams, repeats: int) -> tuple[float, float]:
-    """(wall-clock samples/s, samples per CPU-second of this process x threads): the second
+    """Run after :func:`work`, which warms the setting up. (wall-clock samples/s, samples per CPU-second of this process x threads): the second
     is what the wall-clock figure would be if this process had its threads' cores to itself."""
     cfg = SolverConfig(max_steps=N, tol=0.0)
-    defended_forward(model, x, params, cfg, steps=N)  # warm-up
     times, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
