@@ -9,7 +9,7 @@ Serving never trains, so two things the training graph needs can be baked in onc
 
 The copy refuses ``train()``: its BatchNorm statistics are gone, and a training step on it
 would silently train a different network. Outputs match the original to float rounding
-(``tests/test_inference_model.py``).
+(``tests/core/test_inference_model.py``).
 """
 
 from __future__ import annotations
