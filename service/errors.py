@@ -21,6 +21,7 @@ __all__ = [
     "LOAD_ERRORS",
     "PATH_ERRORS",
     "SERVE_ERRORS",
+    "BadBody",
     "BadImage",
     "BatchFailed",
     "CheckpointRefused",
@@ -80,6 +81,13 @@ class InvalidParameter(ServiceError):
 class BadImage(ServiceError):
     status_code = 400
     reason = "bad_image"
+
+
+class BadBody(ServiceError):
+    """The body parses to nothing usable (JSON nested too deeply to parse, say)."""
+
+    status_code = 400
+    reason = "bad_body"
 
 
 class UnsupportedMediaType(ServiceError):

@@ -27,6 +27,7 @@ from service.admin.metrics import AdminMetrics
 from service.admin.scheduler import AuditScheduler, progress_of
 from service.admin.schemas import AuditRequest, ModelLoadRequest
 from service.admin.settings import AdminSettings
+from service.api.common import JSONBodyRoute
 from service.context import ServiceContext
 from service.errors import (
     LOAD_ERRORS,
@@ -94,7 +95,7 @@ def _job_view(admin: AdminState, job: AuditJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- audits
-audits = APIRouter()
+audits = APIRouter(route_class=JSONBodyRoute)
 
 
 @audits.post("/audits", status_code=202, summary="Start an audit job")
@@ -179,7 +180,7 @@ async def cancel_audit(job_id: str, admin: AdminState = Depends(_admin)) -> JSON
 
 
 # ---------------------------------------------------------------------- models
-models = APIRouter()
+models = APIRouter(route_class=JSONBodyRoute)
 
 
 @models.get("/models", summary="Models loaded in the serving pool")

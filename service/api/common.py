@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -14,19 +15,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from deqguard.data import CLASSES
-from service.errors import BadImage, InvalidParameter
+from service.errors import BadBody, BadImage, InvalidParameter
 from service.imaging import decode_image
 from service.outputs import ImageOutput
 
 __all__ = [
+    "JSONBodyRoute",
     "b64decode",
     "decode_all",
     "field_from_loc",
     "image_prediction",
     "invalid_from_validation",
+    "loads_json",
     "server_timing",
 ]
 
@@ -50,6 +56,39 @@ def validate_model(cls: type[BaseModel], data: dict[str, Any], prefix: str = "")
         return cls.model_validate(data)
     except ValidationError as exc:
         raise invalid_from_validation(exc, prefix) from None
+
+
+def loads_json(raw: bytes | str, what: str = "body") -> Any:
+    """``json.loads``, with JSON nested too deeply for the parser as a 400 naming the problem
+    (a RecursionError would otherwise be a 500); decode errors propagate as they are."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadBody(
+            f"{what}: JSON nested too deeply to parse (arrays/objects inside one another)",
+            part="body",
+        ) from None
+
+
+class JSONBodyRoute(APIRoute):
+    """A route whose JSON body FastAPI parses: parsed here first with :func:`loads_json`, so
+    nesting too deep is a 400 naming it instead of FastAPI's bare "error parsing the body"."""
+
+    def get_route_handler(self) -> Any:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "application/json" or ctype.endswith("+json"):
+                raw = await request.body()
+                if raw:
+                    try:
+                        request._json = loads_json(raw)  # what Request.json() returns
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        pass  # FastAPI's own 422 for malformed JSON
+            return await inner(request)
+
+        return handler
 
 
 def b64decode(text: Any, part: str) -> bytes:

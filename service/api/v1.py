@@ -15,6 +15,7 @@ from service.api.common import (
     decode_all,
     elapsed_ms,
     image_prediction,
+    loads_json,
     server_timing,
     validate_model,
 )
@@ -157,7 +158,7 @@ def _merge(query: dict[str, Any], body: dict[str, Any]) -> DefenseFields:
 async def _parse_json(request: Request) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadImage(f"body: not valid JSON ({exc})", part="body") from None
     if not isinstance(data, dict):

@@ -25,6 +25,7 @@ from deqguard.store import StoreError
 from service.api.common import (
     b64decode,
     decode_all,
+    loads_json,
     server_timing,
     validate_model,
 )
@@ -234,7 +235,7 @@ def _split_body(raw: bytes, header_len: str | None) -> tuple[dict[str, Any], byt
             )
         head, rest = raw[:n], raw[n:]
     try:
-        data = json.loads(head)
+        data = loads_json(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadImage(
             f"body: the inference request is not valid JSON ({exc})", part="body"

@@ -1,0 +1,78 @@
+"""What a real client finds (issue 16): deeply nested JSON, KServe v2 error bodies, leaks and
+loose validation, admin audit limits, and the metrics registry. In process (``create_app`` with
+the admin router), except where the Triton client needs a socket."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._inprocess import InProcessApp
+from tests.service._server import TEST_MODEL
+
+TOKEN = "hardening-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def app_client(
+    service_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
+    """The service with its admin API, in process (no audit is ever started here)."""
+    from service.admin import AdminSettings, build_admin_router
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        model_store=service_store,
+        model=TEST_MODEL,
+        device="cpu",
+        torch_threads=1,
+        default_deadline_ms=3_600_000,
+        default_preset="off",
+    )
+    admin = AdminSettings(admin_token=TOKEN, state_dir=tmp_path_factory.mktemp("admin_state"))
+    router = build_admin_router(admin)
+    with InProcessApp(create_app(settings, extra_routers=[router])) as client:
+        yield client
+
+
+def _deep(depth: int, key: str) -> bytes:
+    return ("{" + f'"{key}": ' + "[" * depth + "]" * depth + "}").encode()
+
+
+@pytest.mark.parametrize(
+    "path,key,headers",
+    [
+        ("/v1/predict", "images", {}),
+        (f"/v2/models/{TEST_MODEL}/infer", "inputs", {}),
+        ("/admin/audits", "options", AUTH),
+    ],
+)
+def test_deeply_nested_json_is_a_json_400_naming_it(
+    app_client: httpx.Client, path: str, key: str, headers: dict[str, str]
+) -> None:
+    for depth in (1_000, 100_000):
+        r = app_client.post(
+            path, content=_deep(depth, key), headers={"Content-Type": "application/json", **headers}
+        )
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
+        assert "nested too deeply" in message
+    # the service keeps serving
+    png = base64.b64encode(_png()).decode()
+    assert app_client.post("/v1/predict", json={"images": [png]}).status_code == 200
+
+
+def _png() -> bytes:
+    import numpy as np
+
+    from service.imaging import encode_png
+
+    return encode_png(np.full((3, 32, 32), 128, dtype=np.uint8))
