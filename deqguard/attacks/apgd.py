@@ -24,10 +24,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deqguard.attacks.surrogates import DefenseGrad, IntermediateSpec, _unroll
+from deqguard.attacks.surrogates import DefendedSurrogate, DefenseGrad, IntermediateSpec
 from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
-from deqguard.defense import DefenseParams, defended_forward
-from deqguard.dynamics import cached_weights, resolve_solver
+from deqguard.defense import DefenseParams
 from deqguard.models.mdeq import MDEQClassifier
 from deqguard.solvers import FixedPointSolver
 
@@ -55,14 +54,14 @@ class ServedSurrogate(torch.nn.Module):
         lam: float = 0.5,
     ) -> None:
         super().__init__()
-        if grad not in ("bpda", "exact"):
-            raise ValueError(f"grad must be 'bpda' or 'exact', got {grad!r}")
         state = steps if params.state is None else params.state
         if not 1 <= state <= steps:
             raise ValueError(f"the served state must lie in 1..{steps}, got {state}")
-        self.model, self.params, self.steps, self.grad = model, params, steps, grad
-        self.solver = resolve_solver(solver)
-        self.spec = IntermediateSpec(state, ka, lam)
+        self.model, self.params = model, params
+        self.surrogate = DefendedSurrogate(
+            model, params, IntermediateSpec(state, ka, lam), solver, steps=steps, grad=grad
+        )
+        self.spec, self.grad = self.surrogate.spec, grad
 
     @property
     def name(self) -> str:
@@ -70,17 +69,8 @@ class ServedSurrogate(torch.nn.Module):
         return f"served-{kind}-{self.spec.name}"
 
     def forward(self, x: Tensor) -> Tensor:
-        res = defended_forward(
-            self.model, x.detach(), self.params, self.solver, steps=self.steps, trace=True
-        )
-        assert res.trace is not None
-        k = self.spec.i - 1
-        z = res.trace.states[k]
-        x_k = res.trace.inputs[k]
-        jac = res.trace.jac[k] if self.grad == "exact" else 1.0
-        x_eff = x_k + jac * (x - x.detach())
-        with cached_weights(self.model):
-            u = _unroll(self.model, z, x_eff, self.spec, False).float()
+        res, u = self.surrogate.run(x)
+        u = u.float()
         return u + (res.logits.float() - u).detach()
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
-from deqguard.defense import DefenseParams, defended_forward
+from deqguard.defense import DefenseParams, DefenseResult, defended_forward
 from deqguard.dynamics import cached_weights, cell_fn, deq_forward, resolve_solver
 from deqguard.models.mdeq import MDEQClassifier
 from deqguard.solvers import FixedPointSolver
@@ -211,6 +211,10 @@ class DefendedSurrogate:
         return f"{self.grad}-{self.spec.name}"
 
     def __call__(self, x: Tensor) -> Tensor:
+        return self.run(x)[1]
+
+    def run(self, x: Tensor) -> tuple[DefenseResult, Tensor]:
+        """The defended forward on x and the surrogate logits [B, C] unrolled from its z[i]."""
         res = defended_forward(
             self.model, x.detach(), self.params, self.solver, steps=self.steps, trace=True
         )
@@ -221,7 +225,7 @@ class DefendedSurrogate:
         jac = res.trace.jac[k] if self.grad == "exact" else 1.0
         x_eff = x_i + jac * (x - x.detach())
         with cached_weights(self.model):
-            return _unroll(self.model, z, x_eff, self.spec, False)
+            return res, _unroll(self.model, z, x_eff, self.spec, False)
 
 
 def undefended_decider(
