@@ -40,8 +40,23 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-def _error_json(exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status_code, headers=exc.headers)
+def is_v2(path: str) -> bool:
+    """A KServe v2 path: its errors follow the protocol."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(details: dict[str, object], path: str) -> dict[str, object]:
+    """``{"error": {code, reason, message, ...}}``; on ``/v2/...`` the KServe v2 protocol's
+    ``{"error": "<message>"}`` (what tritonclient reads) with the same object as ``details``."""
+    if is_v2(path):
+        return {"error": str(details["message"]), "details": details}
+    return {"error": details}
+
+
+def _error_json(exc: ServiceError, path: str) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.to_dict(), path), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 class RequestMiddleware:
@@ -101,7 +116,7 @@ class RequestMiddleware:
                     f"body: {declared} bytes, over the limit of {limit}", part="body"
                 )
                 self.ctx.reject(exc.reason)
-                await _error_json(exc)(scope, receive, send_wrapper)
+                await _error_json(exc, scope["path"])(scope, receive, send_wrapper)
                 return
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
@@ -152,7 +167,7 @@ def create_app(
         ctx.reject(err.reason)
         if err.status_code >= 500 and err.status_code not in (503, 504):
             log.warning("%d on %s: %s", err.status_code, request.url.path, err.message)
-        return _error_json(err)
+        return _error_json(err, request.url.path)
 
     for domain in (ServiceError, DefenseParamError, StoreError):
         app.add_exception_handler(domain, _service_error)
@@ -168,7 +183,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = {"error": {"code": exc.status_code, "reason": reason, "message": str(exc.detail)}}
+        details = {"code": exc.status_code, "reason": reason, "message": str(exc.detail)}
+        body = error_body(details, request.url.path)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientGone)

@@ -27,6 +27,7 @@ __all__ = [
     "PredictResponse",
     "PresetName",
     "StepEntropy",
+    "V2ErrorResponse",
     "Timing",
 ]
 
@@ -144,6 +145,13 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class V2ErrorResponse(BaseModel):
+    """A v2 error as the KServe v2 protocol has it (``error``: a string), with the details."""
+
+    error: str
+    details: ErrorBody
 
 
 class ModelInfo(BaseModel):

@@ -40,11 +40,11 @@ from service.errors import (
 from service.schemas import (
     NAME_PATTERN,
     DefenseFields,
-    ErrorResponse,
     InferRequest,
     InferResponse,
     ModelMetadata,
     ServerMetadata,
+    V2ErrorResponse,
 )
 
 __all__ = ["router"]
@@ -68,7 +68,7 @@ IGNORED_PARAMS = {
 DEFENSE_PARAMS = {"preset", *DEFENSE_FIELDS, "deadline_ms"}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 500, 503, 504)
+    code: {"model": V2ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 500, 503, 504)
 }
 
 INFER_BODY: dict[str, Any] = {

@@ -76,3 +76,40 @@ def _png() -> bytes:
     from service.imaging import encode_png
 
     return encode_png(np.full((3, 32, 32), 128, dtype=np.uint8))
+
+
+def test_v2_errors_follow_the_protocol(app_client: httpx.Client) -> None:
+    """``{"error": "<string>"}`` on /v2 (the KServe v2 protocol), details under ``details``;
+    /v1 keeps the error object."""
+    for method, path, kwargs, code in [
+        ("get", "/v2/models/nope", {}, 404),
+        ("get", "/v2/models/nope/versions/1/ready", {}, 404),
+        ("post", f"/v2/models/{TEST_MODEL}/infer", {"json": {"inputs": []}}, 422),
+        ("post", f"/v2/models/{TEST_MODEL}/infer", {"content": b"{"}, 400),
+        ("get", "/v2/no/such/route", {}, 404),
+    ]:
+        r = getattr(app_client, method)(path, **kwargs)
+        assert r.status_code == code, r.text
+        body = r.json()
+        assert isinstance(body["error"], str) and body["error"] == body["details"]["message"]
+        assert body["details"]["code"] == code
+    v1 = app_client.post("/v1/predict?beta=5", content=b"x", headers={"Content-Type": "image/png"})
+    assert v1.status_code == 422 and v1.json()["error"]["field"] == "beta"
+
+
+def test_tritonclient_reads_v2_errors(service_server) -> None:  # noqa: ANN001
+    """str() of tritonclient's InferenceServerException works and carries the message (it
+    raised TypeError on the old ``{"error": {...}}`` body)."""
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=service_server.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("nope")
+    assert "nope" in str(info.value)
+    inp = triton.InferInput("images", [1, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(np.full((1, 3, 32, 32), 2.0, dtype=np.float32))  # out of [0, 1]
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(TEST_MODEL, [inp])
+    assert "inputs[0].data" in str(info.value) and "[0, 1]" in str(info.value)
