@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -102,12 +101,6 @@ def build_image(base: str, tag: str = IMAGE) -> float:
 
 def image_size(tag: str) -> int:
     return int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout.strip())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(

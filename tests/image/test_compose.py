@@ -20,6 +20,7 @@ import time
 import httpx
 import pytest
 
+from tests._live import free_port
 from tests.image._docker import (
     IMAGE,
     LOG_DIR,
@@ -29,7 +30,6 @@ from tests.image._docker import (
     cifar_root,
     dashboard_metrics,
     docker,
-    free_port,
     have_image,
     metric_families,
     run_logged,

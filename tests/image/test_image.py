@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests._live import free_port
 from tests.image._docker import (
     CLASSES,
     IMAGE,
@@ -28,7 +29,6 @@ from tests.image._docker import (
     build_image,
     cifar_test_images,
     docker,
-    free_port,
     image_size,
     metric_families,
     offline_predictions,
