@@ -488,7 +488,8 @@ def test_one_error_table_for_model_lookups(service_store: Path) -> None:
             for path in ("/v2/models/a..b", "/v2/models/nope", "/v2/models/a..b/ready"):
                 r = await client.get(path)
                 assert r.status_code == 404, (path, r.text)
-                assert r.json()["error"]["reason"] == "model_not_found"
+                assert r.json()["details"]["reason"] == "model_not_found"  # KServe v2 body
+                assert isinstance(r.json()["error"], str)
 
     asyncio.run(main())
     bad, missing, broken = StoreError("x"), StoreNotFoundError("x"), StoreIntegrityError("x")
