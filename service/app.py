@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deqguard.defense import DefenseParamError
 from deqguard.store import StoreError
 from service.api import health, v1, v2
-from service.api.common import field_from_loc
+from service.api.common import field_from_loc, strict_query
 from service.context import ClientGone, ServiceContext
 from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, as_service_error
 from service.schemas import InferRequest
@@ -157,6 +157,7 @@ def create_app(
             "Protocol."
         ),
         lifespan=_lifespan,
+        dependencies=[Depends(strict_query)],
     )
     app.state.ctx = ctx
     app.state.settings = settings

@@ -13,6 +13,8 @@ place that knows uses its row of this module's tables (:data:`SERVE_ERRORS`,
 
 from __future__ import annotations
 
+import re
+
 from deqguard.defense import DefenseParamError
 from deqguard.store import StoreError, StoreIntegrityError, StoreNotFoundError
 
@@ -212,6 +214,15 @@ LOAD_ERRORS: ErrorTable = (
 """Store errors of an admin model load (``POST /admin/models/{name}/load``)."""
 
 
+_ABS_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"():,;]+)*/([^\s/'\"():,;]+/[^\s/'\"():,;]+)")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with absolute server paths cut to their last two parts (``name/file``: a
+    store entry's own file), so answers never show where the server keeps its files."""
+    return _ABS_PATH.sub(r"\1", message)
+
+
 def as_service_error(
     exc: Exception, table: ErrorTable = DOMAIN_ERRORS, *, field: str | None = None
 ) -> ServiceError:
@@ -223,5 +234,5 @@ def as_service_error(
     for domain, service, template in table:
         if isinstance(exc, domain):
             name = field or (exc.field if isinstance(exc, DefenseParamError) else "model")
-            return service(template.format(exc=exc), field=name)
+            return service(redact_paths(template.format(exc=exc)), field=name)
     return ServiceError(f"internal error ({type(exc).__name__})")

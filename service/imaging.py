@@ -18,6 +18,7 @@ These functions are CPU-bound and run in a thread pool, never on the event loop.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -25,10 +26,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["ALLOWED_FORMATS", "IMAGE_MEDIA_TYPES", "decode_image", "encode_png"]
+__all__ = ["ALLOWED_FORMATS", "IMAGE_MEDIA_TYPES", "MEDIA_ALIASES", "decode_image", "encode_png"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+MEDIA_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+"""Content types clients send for the same formats (not in the OpenAPI schema)."""
 SIZE = 32
 
 
@@ -74,7 +77,13 @@ def decode_image(data: bytes, part: str, *, max_pixels: int) -> np.ndarray:
                     rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
                 arr = np.asarray(rgb, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{part}: {exc}", part=part) from None
+        # Pillow's message cites twice the limit past that point: name the limit enforced
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{size.group(1)} pixels" if size else "too many pixels"
+        raise PayloadTooLarge(
+            f"{part}: image is {pixels}, over the limit of {max_pixels} (decompression-bomb guard)",
+            part=part,
+        ) from None
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
             f"{part}: not a PNG, JPEG or WebP image (could not identify the format)", part=part

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from deqguard.defense import Preset
 
@@ -42,31 +42,51 @@ PRESET_DOC = (
 )
 
 
+def _no_bool(value: Any) -> Any:
+    """JSON ``true`` is not the number 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Number = BeforeValidator(_no_bool)
+
+
 class DefenseFields(BaseModel):
     """Per-request defense settings; each overrides the preset's value."""
 
     model_config = ConfigDict(extra="forbid")
 
     preset: PresetName | None = Field(None, description=PRESET_DOC)
-    beta: float | None = Field(None, ge=0, le=1, description="input step size (l_inf, [0, 1])")
-    R: int | None = Field(
+    beta: Annotated[float | None, Number] = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="input step size (l_inf, [0, 1])"
+    )
+    R: Annotated[int | None, Number] = Field(
         None, ge=0, description="input-gradient steps (Eq. 8) per intervention; 0 = no defense"
     )
-    Tf: int | None = Field(
+    Tf: Annotated[int | None, Number] = Field(
         None,
         ge=1,
         description="intervene after every solver step t with t mod Tf = 0, t = N included"
         " (Algorithm 1)",
     )
-    eps: float | None = Field(None, ge=0, le=1, description="l_inf radius around the input")
-    state: int | None = Field(None, ge=1, description="early state read out, 1..N (default N)")
+    eps: Annotated[float | None, Number] = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="l_inf radius around the input"
+    )
+    state: Annotated[int | None, Number] = Field(
+        None, ge=1, description="early state read out, 1..N (default N)"
+    )
     model: str | None = Field(
         None,
         pattern=MODEL_REF_PATTERN,
         description="model `name` or `name@version` (default: the server's)",
     )
-    deadline_ms: float | None = Field(
-        None, gt=0, le=3_600_000, description="drop the request (504) if not started by then"
+    deadline_ms: Annotated[float | None, Number] = Field(
+        None,
+        gt=0,
+        le=3_600_000,
+        allow_inf_nan=False,
+        description="drop the request (504) if not started by then",
     )
 
 

@@ -27,6 +27,7 @@ from service.outputs import ImageOutput
 
 __all__ = [
     "JSONBodyRoute",
+    "strict_query",
     "b64decode",
     "decode_all",
     "field_from_loc",
@@ -89,6 +90,39 @@ class JSONBodyRoute(APIRoute):
             return await inner(request)
 
         return handler
+
+
+def _query_names(dependant: Any) -> frozenset[str]:
+    names: set[str] = set()
+    stack = [dependant]
+    while stack:
+        d = stack.pop()
+        names.update(p.alias for p in d.query_params)
+        stack.extend(d.dependencies)
+    return frozenset(names)
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+async def strict_query(request: Request) -> None:
+    """App-wide dependency: a query parameter the route does not declare is a 422 naming it
+    (``?r=5`` must not run with the default R), as unknown JSON and form fields are."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    allowed = _QUERY_NAMES.get(id(route))
+    if allowed is None:
+        allowed = _QUERY_NAMES[id(route)] = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        accepted = f"accepted: {sorted(allowed)}" if allowed else "this route takes none"
+        raise InvalidParameter(
+            f"{unknown[0]}: unknown query parameter(s) {unknown}; {accepted}", field=unknown[0]
+        )
 
 
 def b64decode(text: Any, part: str) -> bytes:

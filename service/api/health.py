@@ -20,6 +20,12 @@ async def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.head("/livez", include_in_schema=False)
+async def livez_head() -> Response:
+    """HEAD /livez (load balancers and uptime checks probe with HEAD): 200, no body."""
+    return Response(status_code=200)
+
+
 @router.get(
     "/readyz",
     summary="Readiness: model loaded, warmed up, not draining",

@@ -21,7 +21,7 @@ from service.api.common import (
 )
 from service.context import ServiceContext, get_ctx
 from service.errors import BadImage, InvalidParameter, UnsupportedMediaType
-from service.imaging import IMAGE_MEDIA_TYPES, encode_png
+from service.imaging import IMAGE_MEDIA_TYPES, MEDIA_ALIASES, encode_png
 from service.schemas import (
     MODEL_REF_PATTERN,
     DefenseFields,
@@ -126,13 +126,13 @@ _FIELD_DOC = {k: f.description for k, f in DefenseFields.model_fields.items()}
 
 async def _query_fields(
     preset: Annotated[PresetName | None, Query()] = None,
-    beta: Annotated[float | None, Query(ge=0, le=1)] = None,
+    beta: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
     R: Annotated[int | None, Query(ge=0, description=_FIELD_DOC["R"])] = None,
     Tf: Annotated[int | None, Query(ge=1, description=_FIELD_DOC["Tf"])] = None,
-    eps: Annotated[float | None, Query(ge=0, le=1)] = None,
+    eps: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
     state: Annotated[int | None, Query(ge=1)] = None,
     model: Annotated[str | None, Query(pattern=MODEL_REF_PATTERN)] = None,
-    deadline_ms: Annotated[float | None, Query(gt=0, le=3_600_000)] = None,
+    deadline_ms: Annotated[float | None, Query(gt=0, le=3_600_000, allow_inf_nan=False)] = None,
 ) -> dict[str, Any]:
     """Defense settings from the query string (documented in OpenAPI, validated by FastAPI).
     ``async`` only so that FastAPI calls it on the event loop instead of a thread hop."""
@@ -233,6 +233,7 @@ async def predict(
 ) -> PredictResponse | Any:
     ctx.check_admission()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = MEDIA_ALIASES.get(ctype, ctype)
     if ctype == "application/json":
         blobs, body_fields = await _parse_json(request)
     elif ctype == "multipart/form-data":

@@ -55,6 +55,7 @@ ModelVersion = Annotated[str, Path(pattern=NAME_PATTERN)]
 router = APIRouter(tags=["v2 (KServe Open Inference Protocol)"])
 
 HEADER_LEN = "inference-header-content-length"
+INPUT_NAME = "images"  # the one input of every model's metadata
 # Triton/KServe parameters a standard client may send and that we may safely ignore.
 IGNORED_PARAMS = {
     "binary_data_output",
@@ -157,7 +158,7 @@ def _metadata(ctx: ServiceContext, manifest: Any) -> dict[str, Any]:
         "name": manifest.name,
         "versions": [manifest.version],
         "platform": "pytorch_deqguard",
-        "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
         "outputs": [
             {"name": k, "datatype": dt, "shape": shapes.get(k, [-1])}
             for k, (dt, _) in OUTPUTS.items()
@@ -283,6 +284,11 @@ def _read_input(
         )
     inp = req.inputs[0]
     where = "inputs[0]"
+    if inp.name != INPUT_NAME:
+        raise InvalidParameter(
+            f"{where}.name: unknown input {inp.name!r}; this model's input is {INPUT_NAME!r}",
+            field=f"{where}.name",
+        )
     params = inp.parameters or {}
     size = params.get("binary_data_size")
     if size is not None:

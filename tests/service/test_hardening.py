@@ -113,3 +113,67 @@ def test_tritonclient_reads_v2_errors(service_server) -> None:  # noqa: ANN001
     with pytest.raises(InferenceServerException) as info:
         client.infer(TEST_MODEL, [inp])
     assert "inputs[0].data" in str(info.value) and "[0, 1]" in str(info.value)
+
+
+def _big_png(w: int, h: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_no_server_paths_and_strict_validation(app_client: httpx.Client) -> None:
+    c = app_client
+    png = _png()
+    # unknown models: the message names the model, never where the server keeps its files
+    for r in [
+        c.post("/v1/predict?model=nope", content=png, headers={"Content-Type": "image/png"}),
+        c.get("/v1/models/nope"),
+        c.get("/v2/models/nope"),
+    ]:
+        assert r.status_code == 404, r.text
+        assert "nope" in r.text and "/tmp" not in r.text and "model_store" not in r.text
+    # unknown query parameters are rejected naming them (as unknown JSON/form fields are)
+    r = c.post("/v1/predict?r=5", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "r", r.text
+    assert "'r'" in r.json()["error"]["message"]
+    assert c.get("/v1/models?verbose=1").status_code == 422
+    assert c.get("/v2/models/nope?x=1").json()["details"]["field"] == "x"
+    # booleans are not numbers; NaN is not "over 1"
+    b64 = base64.b64encode(png).decode()
+    for body, field in [({"R": True}, "R"), ({"beta": False}, "beta"), ({"Tf": True}, "Tf")]:
+        r = c.post("/v1/predict", json={"images": [b64], **body})
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    for q in ("beta=nan", "eps=inf", "deadline_ms=nan"):
+        r = c.post(f"/v1/predict?{q}", content=png, headers={"Content-Type": "image/png"})
+        assert r.status_code == 422 and "finite" in r.json()["error"]["message"], r.text
+    r = c.post("/v1/predict", files=[("images", ("a.png", png, "image/png"))], data={"beta": "nan"})
+    assert r.status_code == 422 and "finite" in r.json()["error"]["message"], r.text
+    # image/jpg is what many clients send for JPEG
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    r = c.post("/v1/predict", content=buf.getvalue(), headers={"Content-Type": "image/jpg"})
+    assert r.status_code == 200, r.text
+    # the pixel-limit message cites the limit enforced (not Pillow's 2x bomb threshold)
+    from service.settings import ServiceSettings
+
+    limit = ServiceSettings.model_fields["max_image_pixels"].default
+    side = int((2.5 * limit) ** 0.5) + 1
+    r = c.post("/v1/predict", content=_big_png(side, side), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413, r.text
+    assert str(limit) in r.json()["error"]["message"]
+    assert str(2 * limit) not in r.json()["error"]["message"]
+    # HEAD /livez answers like GET
+    assert c.head("/livez").status_code == 200
+    # v2: the model's one input is `images`
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                        "data": [0.5] * 3072}]}  # fmt: skip
+    r = c.post(f"/v2/models/{TEST_MODEL}/infer", json=body)
+    assert r.status_code == 422 and r.json()["details"]["field"] == "inputs[0].name", r.text
