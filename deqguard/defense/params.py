@@ -179,11 +179,17 @@ def resolve_defense(
     return params
 
 
-def defense_from_spec(spec: str | Mapping[str, Any]) -> str | DefenseParams:
+def defense_from_spec(
+    spec: str | Mapping[str, Any], limits: DefenseLimits | None = None
+) -> str | DefenseParams:
     """An audit's defense as written (admin API, ``deqguard audit --defense``): a preset name
     as it is (checked when the audit's config is built, and named in its report), or a mapping
-    of DefenseParams fields with an optional ``preset`` base (default ``off``), resolved."""
+    of DefenseParams fields with an optional ``preset`` base (default ``off``), resolved.
+    With ``limits`` (the admin API: the server's serving limits), a preset is checked under
+    them too."""
     if isinstance(spec, str):
+        if limits is not None:
+            resolve_defense(spec, None, limits)
         return spec
     fields = dict(spec)
-    return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields)
+    return resolve_defense(str(fields.pop("preset", Preset.OFF)), fields, limits)

@@ -13,6 +13,7 @@ robustness claim (the report's notes say so).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,8 @@ from deqguard.audit import (
     markdown_summary,
     write_plots,
 )
-from deqguard.defense import DefenseParamError, defense_from_spec
-from deqguard.store import Manifest, load_entry
+from deqguard.defense import DefenseLimits, DefenseParamError, defense_from_spec
+from deqguard.store import Manifest, StoreError, load_entry, parse_ref, read_manifest
 from service.admin.jobs import AuditJob, JobStore
 from service.arbiter import DeviceArbiter
 from service.errors import InvalidParameter
@@ -60,10 +61,79 @@ OPTION_FIELDS = (
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 
+AUDIT_BUDGETS: dict[str, tuple[type, float, float]] = {
+    # option -> (type, lowest, highest): what one audit job may spend, checked at the edge
+    "pgd_steps": (int, 0, 1_000),
+    "pgd_restarts": (int, 1, 100),
+    "apgd_iters": (int, 1, 1_000),
+    "apgd_targets": (int, 1, 9),
+    "bpda_targets": (int, 1, 9),
+    "adaptive_restarts": (int, 1, 100),
+    "aa_apgd_iters": (int, 1, 1_000),
+    "square_queries": (int, 1, 10_000),
+    "adaptive_ka": (int, 1, 100),
+    "sanity_images": (int, 0, 10_000),
+    "eps": (float, 0.0, 1.0),
+    "pgd_step_size": (float, 0.0, 1.0),
+}
+"""Audit budgets: bounds of the numeric options (a typo like ``pgd_steps=1e9`` is a 422, not a
+job that never ends)."""
+_BOOL_OPTIONS = ("autoattack", "pgd_every_iterate")
+_STR_OPTIONS = ("grid", "aa_version", "transfer_from")
 
-def audit_config(spec: dict[str, Any], steps: int, device: str) -> AuditConfig:
+
+def _check_options(options: dict[str, Any], model_store: Path | None) -> None:
+    """Types and budgets of the audit options (422 naming ``options.<name>``)."""
+
+    def bad(name: str, why: str) -> InvalidParameter:
+        return InvalidParameter(f"options.{name}: {why}", field=f"options.{name}")
+
+    for name, value in options.items():
+        if name in AUDIT_BUDGETS:
+            kind, lo, hi = AUDIT_BUDGETS[name]
+            if name == "aa_apgd_iters" and value is None:
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)):
+                raise bad(name, f"expected {'an integer' if kind is int else 'a number'}")
+            if not math.isfinite(value) or not lo <= value <= hi:
+                raise bad(name, f"must lie in {lo}..{hi} (the audit budget), got {value}")
+        elif name in _BOOL_OPTIONS and not isinstance(value, bool):
+            raise bad(name, "expected true or false")
+        elif name in _STR_OPTIONS and not (value is None or isinstance(value, str)):
+            raise bad(name, "expected a string")
+        elif name == "aa_attacks" and not (
+            isinstance(value, list | tuple)
+            and len(value) <= 16
+            and all(isinstance(a, str) for a in value)
+        ):
+            raise bad(name, "expected a list of at most 16 attack names")
+    ref = options.get("transfer_from")
+    if ref is not None:
+        try:
+            parse_ref(ref)
+        except StoreError:
+            why = f"{ref!r} is not a model name (`name` or `name@version`)"
+            raise bad("transfer_from", why) from None
+        if model_store is not None:
+            try:
+                read_manifest(model_store, ref)
+            except StoreError:
+                raise bad("transfer_from", f"no model {ref!r} in the store") from None
+
+
+def audit_config(
+    spec: dict[str, Any],
+    steps: int,
+    device: str,
+    *,
+    max_R: int | None = None,
+    model_store: Path | None = None,
+) -> AuditConfig:
     """The deqguard.audit configuration of a job spec: the one validation of an audit request
-    (InvalidParameter naming ``defense`` or ``options``)."""
+    (InvalidParameter naming ``defense`` or ``options``). The defense is held to the serving
+    limits (``max_R``, the model's ``steps``, beta and eps in [0, 1]), the options to
+    :data:`AUDIT_BUDGETS`; ``transfer_from`` must name a model of ``model_store``."""
     options = dict(spec.get("options") or {})
     unknown = sorted(set(options) - set(OPTION_FIELDS))
     if unknown:
@@ -71,15 +141,24 @@ def audit_config(spec: dict[str, Any], steps: int, device: str) -> AuditConfig:
             f"options: unknown audit option(s) {unknown}; known: {OPTION_FIELDS}",
             field="options",
         )
+    _check_options(options, model_store)
     if "aa_attacks" in options:
         options["aa_attacks"] = tuple(options["aa_attacks"])
     suite = spec["suite"]
     if suite == SMOKE:
         options.setdefault("pgd_steps", SMOKE_PGD_STEPS)
+        if options.get("autoattack"):
+            raise InvalidParameter(
+                "options.autoattack: the smoke suite runs no AutoAttack", field="options.autoattack"
+            )
+        options["autoattack"] = False  # what it runs: the report says so
     try:
         return AuditConfig(
             model=spec["model"],
-            defense=defense_from_spec(spec["defense"]),
+            defense=defense_from_spec(
+                spec["defense"],
+                None if max_R is None else DefenseLimits(steps=steps, max_R=max_R, unit_box=True),
+            ),
             suite="quick" if suite == SMOKE else suite,
             n=int(spec["n_samples"]),
             batch_size=int(spec["batch_size"]),
@@ -188,6 +267,8 @@ def open_audit(
 def finish_report(report: dict[str, Any], spec: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
     """The core report plus the smoke note, its PNG plots and Markdown summary."""
     if spec["suite"] == SMOKE:
+        report["config"]["suite"] = SMOKE  # the core ran `quick`'s first attack
+        report["config"]["autoattack"] = False
         report["notes"].append(
             "smoke suite: one attack of `quick` with a reduced budget; checks the pipeline, "
             "not a robustness claim"

@@ -112,7 +112,13 @@ async def create_audit(
     manifest = resolver.manifest(body.model)  # store errors: the app's error table
     spec = body.model_dump()
     spec["model"] = manifest.ref  # pin the version audited
-    config = audit_config(spec, resolver.steps_of(manifest), str(admin.ctx.device))
+    config = audit_config(
+        spec,
+        resolver.steps_of(manifest),
+        str(admin.ctx.device),
+        max_R=admin.ctx.settings.max_defense_steps,
+        model_store=admin.ctx.settings.model_store,
+    )
     job, created = admin.store.create(spec, body.n_samples, idempotency_key, config.to_dict())
     if created:
         admin.scheduler.schedule(job.id)

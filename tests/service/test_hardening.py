@@ -177,3 +177,41 @@ def test_no_server_paths_and_strict_validation(app_client: httpx.Client) -> None
                         "data": [0.5] * 3072}]}  # fmt: skip
     r = c.post(f"/v2/models/{TEST_MODEL}/infer", json=body)
     assert r.status_code == 422 and r.json()["details"]["field"] == "inputs[0].name", r.text
+
+
+def test_audit_specs_are_held_to_serving_limits_and_budgets(app_client: httpx.Client) -> None:
+    """Runaway audit settings are a 422 naming the field at the edge; no job is created."""
+    spec = {"model": TEST_MODEL, "defense": "paper", "suite": "smoke", "n_samples": 8}
+    cases = [
+        ({"defense": {"preset": "paper", "R": 100_000}}, "R must be <= 50"),
+        ({"defense": {"preset": "paper", "beta": 5}}, "beta"),
+        ({"defense": {"preset": "paper", "Tf": 99}}, "Tf"),
+        ({"options": {"pgd_steps": 1e9}}, "options.pgd_steps"),
+        ({"options": {"pgd_steps": 1_000_000_000}}, "options.pgd_steps"),
+        ({"options": {"pgd_steps": True}}, "options.pgd_steps"),
+        ({"options": {"square_queries": 10**7}}, "options.square_queries"),
+        ({"options": {"eps": 2}}, "options.eps"),
+        ({"options": {"autoattack": "yes"}}, "options.autoattack"),
+        ({"options": {"autoattack": True}}, "options.autoattack"),  # smoke runs none
+        ({"options": {"transfer_from": "../../etc/passwd"}}, "options.transfer_from"),
+        ({"options": {"transfer_from": "no-such-model"}}, "options.transfer_from"),
+    ]
+    for change, named in cases:
+        r = app_client.post("/admin/audits", json={**spec, **change}, headers=AUTH)
+        assert r.status_code == 422, (change, r.text)
+        assert named in r.text and "/tmp" not in r.text, (change, r.text)
+    assert app_client.get("/admin/audits", headers=AUTH).json()["jobs"] == []
+
+
+def test_smoke_report_says_what_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A smoke report is labelled `smoke`, without AutoAttack (it said `quick`, `true`)."""
+    from service.admin import audits
+
+    spec = {"model": "m", "defense": "paper", "suite": "smoke", "n_samples": 8,
+            "batch_size": 8, "seed": 0, "options": {}}  # fmt: skip
+    config = audits.audit_config(spec, 8, "cpu")
+    assert config.autoattack is False and config.pgd_steps == audits.SMOKE_PGD_STEPS
+    monkeypatch.setattr(audits, "write_plots", lambda report, d: [])
+    monkeypatch.setattr(audits, "markdown_summary", lambda report, files: "")
+    report = audits.finish_report({"notes": [], "config": config.to_dict()}, spec, tmp_path)
+    assert report["config"]["suite"] == "smoke" and report["config"]["autoattack"] is False
