@@ -10,8 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["ServiceMetrics"]
@@ -42,11 +51,29 @@ class _CudaMemoryCollector(Collector):
         yield fam
 
 
+_WITH_CREATED = ("counter", "histogram", "summary")
+
+
+class ServiceRegistry(CollectorRegistry):
+    """A registry without the ``_created`` series (a second, duplicate series per counter and
+    histogram that dashboards never use). Only this registry: not the process-wide switch
+    ``prometheus_client.disable_created_metrics``, which other registries would feel."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            if metric.type in _WITH_CREATED:
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class ServiceMetrics:
     """Every metric the service exports, registered on its own registry."""
 
     def __init__(self, device: torch.device) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = ServiceRegistry()
+        # the standard process_* (CPU, memory, file descriptors, start time) and python_* series
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)
         self.requests = Counter(
             "deqguard_http_requests",
             "HTTP requests by route template, method and status code",

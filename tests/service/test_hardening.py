@@ -215,3 +215,22 @@ def test_smoke_report_says_what_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setattr(audits, "markdown_summary", lambda report, files: "")
     report = audits.finish_report({"notes": [], "config": config.to_dict()}, spec, tmp_path)
     assert report["config"]["suite"] == "smoke" and report["config"]["autoattack"] is False
+
+
+def test_metrics_have_process_series_and_no_created(app_client: httpx.Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app_client.get("/livez")
+    text = app_client.get("/metrics").text
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    for standard in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "python_info",
+    ):
+        assert standard in names, standard
+    assert not [n for n in names if n.endswith("_created")]
+    assert "deqguard_http_requests_total" in names  # the service's own series are all there
+    assert "deqguard_http_request_duration_seconds_count" in names
