@@ -65,6 +65,18 @@ class RequestResolver:
         """The solver steps N a forward of this model runs on this server."""
         return solver_steps(manifest.solver, self.settings.solver_steps)
 
+    def _check_work(self, n_images: int, per_image: int) -> None:
+        """One request's device work (images x gradient steps) under the server's bound."""
+        cap = self.settings.max_request_grad_steps
+        work = n_images * per_image
+        if cap and work > cap:
+            raise PayloadTooLarge(
+                f"images x gradient steps: {n_images} x {per_image} = {work}, over the limit of "
+                f"{cap} per request (DEQGUARD_MAX_REQUEST_GRAD_STEPS); send fewer images per "
+                "request or a cheaper defense (smaller R, larger Tf)",
+                field="images",
+            )
+
     def resolve(self, fields: DefenseFields, n_images: int) -> Resolved:
         """Check the image count and the model, and resolve the defense settings."""
         limit = self.settings.max_images_per_request
@@ -80,5 +92,6 @@ class RequestResolver:
         overrides = {k: v for k in DEFENSE_FIELDS if (v := getattr(fields, k)) is not None}
         limits = DefenseLimits(steps=steps, max_R=self.settings.max_defense_steps, unit_box=True)
         params = resolve_defense(preset, overrides, limits)
+        self._check_work(n_images, params.grad_steps(steps))
         applied = {"preset": str(preset), **params.to_dict(), "steps": steps}
         return Resolved(manifest.name, params, applied)

@@ -74,6 +74,10 @@ class ServiceSettings(BaseSettings):
     """Defense preset of a request that names none."""
     max_defense_steps: int = Field(default=50, ge=0, le=10_000)
     """Upper bound on a request's ``R`` (gradient steps per defense round), to bound its cost."""
+    max_request_grad_steps: int = Field(default=4096, ge=0, le=100_000_000)
+    """Most input-gradient steps one request may ask for (images x gradient steps per image;
+    64 images at ``paper`` with N = 8 are 2,560), so one request cannot hold the device for
+    longer than everyone's deadline behind it; more gets 413 naming the limit. 0: no bound."""
     solver_steps: int | None = Field(default=None, ge=1, le=256)
     """Solver steps N per forward (default: the model's manifest, else 8)."""
 

@@ -88,6 +88,11 @@ class DefenseParams:
         """Whether the entropy reduction does any work (R > 0 and a non-zero step)."""
         return self.R > 0
 
+    def grad_steps(self, steps: int) -> int:
+        """Input-gradient steps one image costs over ``steps`` solver steps: R at every
+        t in 1..N with t mod Tf = 0 (``BatchParams.schedule``); the work a request asks for."""
+        return self.R * (steps // self.Tf)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -234,3 +234,26 @@ def test_metrics_have_process_series_and_no_created(app_client: httpx.Client) ->
     assert not [n for n in names if n.endswith("_created")]
     assert "deqguard_http_requests_total" in names  # the service's own series are all there
     assert "deqguard_http_request_duration_seconds_count" in names
+
+
+def test_one_requests_work_is_bounded(app_client: httpx.Client) -> None:
+    """64 images at R=50, Tf=1 (25,600 gradient steps) is a 413 naming the limit, on v1 and v2,
+    before any device work; within the bound the same settings are served."""
+    from service.settings import ServiceSettings
+
+    limit = ServiceSettings.model_fields["max_request_grad_steps"].default
+    b64 = base64.b64encode(_png()).decode()
+    heavy = {"preset": "strong", "R": 50}
+    r = app_client.post("/v1/predict", json={"images": [b64] * 64, **heavy})
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert (
+        err["field"] == "images"
+        and f"64 x 400 = 25600, over the limit of {limit}" in (err["message"])
+    )
+    body = {"parameters": heavy, "inputs": [{"name": "images", "shape": [64, 3, 32, 32],
+            "datatype": "FP32", "data": [0.5] * (64 * 3072)}]}  # fmt: skip
+    r = app_client.post(f"/v2/models/{TEST_MODEL}/infer", json=body)
+    assert r.status_code == 413 and str(limit) in r.json()["error"], r.text
+    ok = app_client.post("/v1/predict", json={"images": [b64], "preset": "strong", "R": 2})
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["grad_steps"] == 16, ok.text
