@@ -67,8 +67,8 @@ class DefenseFields(BaseModel):
     Tf: Annotated[int | None, Number] = Field(
         None,
         ge=1,
-        description="intervene after every solver step t with t mod Tf = 0, t = N included"
-        " (Algorithm 1)",
+        description="intervene after every solver step t with t mod Tf = 0 up to and"
+        " including t = N (Algorithm 1)",
     )
     eps: Annotated[float | None, Number] = Field(
         None, ge=0, le=1, allow_inf_nan=False, description="l_inf radius around the input"
@@ -105,8 +105,9 @@ class StepEntropy(BaseModel):
         " defense acted, z[t] is the state solved again under the updated input x[t]"
     )
     defense_acted: bool = Field(
-        description="the defense updated the input after this step (t mod Tf = 0, t = N"
-        " included, R > 0), then z[t] was recomputed by one solver step from z[<t] under x[t]"
+        description="the defense updated the input after this step (t mod Tf = 0 up to and"
+        " including t = N, R > 0), then z[t] was recomputed by one solver step from z[<t]"
+        " under x[t]"
         " (Algorithm 1, line 13)"
     )
     post_entropy: float | None = Field(

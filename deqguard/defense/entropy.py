@@ -3,7 +3,7 @@
 Algorithm 1, for each sample: z[0] = 0, x[0] = x (the input as received); for t = 1..N,
 
     z~[t] = one solver step from z[<t] under x[t-1]                       (line 4)
-    if t mod Tf = 0 (t = N included) and R > 0:
+    if t mod Tf = 0 (t = N too when Tf divides N) and R > 0:
         R steps of Eq. 8 at z~[t] held:                                     (lines 8-12)
             x <- clip[0,1](clip[x0 - eps, x0 + eps](x - beta * sign(grad_x H(head(f(z~[t]; x))))))
         x[t] = the result; z[t] = one solver step from z[<t] under x[t]      (line 13)
@@ -91,7 +91,7 @@ class BatchParams:
     def schedule(self, steps: int) -> Tensor:
         """[N, B] bool: sample b updates its input after solver step t (row t - 1), i.e. at
         every t in 1..N with t mod Tf = 0 (Algorithm 1's (t + 1) mod Tf = 0 for t = 0..N-1,
-        the last step included) when R > 0."""
+        t = N too when Tf divides N) when R > 0."""
         t = torch.arange(1, steps + 1, device=self.R.device)[:, None]
         return (t % self.Tf[None, :] == 0) & (self.R[None, :] > 0)
 
@@ -247,8 +247,8 @@ def defended_forward(
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.
 
-    Interventions after every step t with t mod Tf = 0, t = N included, each followed by z[t]
-    redone from the solver's state before step t under the new input (see the module
+    Interventions after every step t with t mod Tf = 0 up to and including t = N, each
+    followed by z[t] redone from the solver's state before step t under the new input (see the module
     docstring); the prediction comes from z[state] of that trajectory.
 
     Args:

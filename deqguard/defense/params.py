@@ -55,7 +55,7 @@ class DefenseParams:
     Attributes:
         beta: sign-gradient step size on the input (l_inf units, images in [0, 1]).
         R: input-update steps per intervention; 0 switches the entropy reduction off.
-        Tf: intervene after every solver step t with t mod Tf = 0, t = N included (then z[t]
+        Tf: intervene after every solver step t with t mod Tf = 0 up to and including t = N (then z[t]
             is solved again under the updated input: Algorithm 1, line 13).
         eps: l_inf radius around the input *as received* within which the input may move.
         state: the early state the prediction is read from, 1..N; None = N (the last raw iterate).

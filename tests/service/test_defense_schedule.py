@@ -1,5 +1,5 @@
-"""The served defense follows Algorithm 1's schedule: interventions at every t with t mod Tf = 0,
-t = N included, each costing R input-gradient steps and two extra f-evaluations (f at z[t-1]
+"""The served defense follows Algorithm 1's schedule: interventions at every t with t mod Tf = 0
+up to and including t = N, each costing R input-gradient steps and two extra f-evaluations (f at z[t-1]
 under x[t], then the redone step z[t])."""
 
 from __future__ import annotations
@@ -70,5 +70,5 @@ def test_other_schedules(service_client: httpx.Client, pngs: list[bytes]) -> Non
 def test_openapi_describes_the_schedule(service_client: httpx.Client) -> None:
     schema = service_client.get("/openapi.json").json()["components"]["schemas"]
     step = schema["StepEntropy"]["properties"]
-    assert "t = N included" in step["defense_acted"]["description"]
+    assert "up to and including t = N" in step["defense_acted"]["description"]
     assert "z[t]" in step["entropy"]["description"]
