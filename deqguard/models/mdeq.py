@@ -184,17 +184,16 @@ class MDEQClassifier(nn.Module):
         ]
         fused = []
         for i, row in enumerate(self.fuse):
-            # outs[i] + sum_j layer(outs[j]) in the same order, accumulated in place into the
-            # first new tensor (float addition is commutative, so the values are unchanged);
-            # with one branch the sum is outs[0] itself, which post_fuse's ReLU may overwrite
-            # as nothing reads it afterwards
-            acc = outs[i]
-            fresh = len(row) == 1
+            # outs[i] + sum_j layer(outs[j]), accumulated in place into the first new tensor
+            # (a + b == b + a exactly, so the values are unchanged); outs[i] itself is never
+            # written, other rows read it (with one branch post_fuse's ReLU may overwrite it:
+            # nothing reads it afterwards)
+            acc: Tensor | None = None
             for j, layer in enumerate(row):
                 if j != i:
-                    acc = acc.add_(layer(outs[j])) if fresh else layer(outs[j]).add_(acc)
-                    fresh = True
-            fused.append(self.post_fuse[i](acc))
+                    y = layer(outs[j])
+                    acc = y.add_(outs[i]) if acc is None else acc.add_(y)
+            fused.append(self.post_fuse[i](outs[i] if acc is None else acc))
         return self.flatten(fused)
 
     def head(self, z: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests._live import free_port
+from tests._metrics import dashboard_metrics, exported_series, metric_families
 from tests.image._docker import (
     IMAGE,
     LOG_DIR,
@@ -28,13 +29,10 @@ from tests.image._docker import (
     base_image,
     build_image,
     cifar_root,
-    dashboard_metrics,
     docker,
     have_image,
-    metric_families,
     run_logged,
     say,
-    series_names,
     wait_for,
 )
 
@@ -213,7 +211,7 @@ def test_compose_stack_round_robin_admin_prometheus() -> None:
         # the Grafana dashboard queries only metrics the running service exports
         status, text = _in_container_get(admin, "/metrics")
         assert status == 200
-        exported = series_names(metric_families(text))
+        exported = exported_series(metric_families(text))
         missing = sorted(dashboard_metrics() - exported)
         assert not missing, (
             f"dashboard queries metrics the running service does not export: {missing}"

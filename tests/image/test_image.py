@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests._live import free_port
+from tests._metrics import metric_families
 from tests.image._docker import (
     CLASSES,
     IMAGE,
@@ -30,7 +31,6 @@ from tests.image._docker import (
     cifar_test_images,
     docker,
     image_size,
-    metric_families,
     offline_predictions,
     png_bytes,
     ready,

@@ -293,7 +293,7 @@ def test_tampered_checkpoint_and_bad_names_refused(server: LiveServer, store: Pa
 
 
 def test_dashboard_metrics_are_on_the_live_metrics_endpoint(server: LiveServer) -> None:
-    from tests.service.admin.test_admin_deploy import dashboard_metrics, exported_series
+    from tests._metrics import dashboard_metrics, exported_series
 
     with server.client() as c:
         assert (

@@ -17,17 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from service.admin.metrics import AdminMetrics
 from service.metrics import ServiceMetrics
+from tests._metrics import DASHBOARD, dashboard_metrics, exported_series
 
 REPO = Path(__file__).resolve().parents[3]
-DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "deqguard.json"
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gauge": ("",),
-    "summary": ("", "_sum", "_count", "_created"),
-    "info": ("_info",),
-    "unknown": ("",),
-}
 
 
 def _hadolint() -> str | None:
@@ -116,25 +108,6 @@ def test_compose_file_validates() -> None:
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
     nginx = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
     assert "deqguard-admin:8000" in nginx and "http://deqguard:8000" in nginx
-
-
-def dashboard_metrics() -> set[str]:
-    """Every ``deqguard_*`` series name the dashboard's queries use."""
-    dash = json.loads(DASHBOARD.read_text())
-    names: set[str] = set()
-    for panel in dash["panels"]:
-        for target in panel["targets"]:
-            names |= set(re.findall(r"\b(deqguard_[a-z0-9_]+)", target["expr"]))
-    return names
-
-
-def exported_series(families: dict[str, str]) -> set[str]:
-    """Series names a set of metric families (name -> type) can expose."""
-    out: set[str] = set()
-    for name, kind in families.items():
-        base = name.removesuffix("_total") if kind == "counter" else name
-        out |= {base + s for s in _SUFFIXES.get(kind, ("",))}
-    return out
 
 
 def registry_families() -> dict[str, str]:
