@@ -8,6 +8,8 @@
                                            # with glibc's default vs deqguard.cpu_memory
     python benchmarks/probe_f.py inplace   # one [64, 120, 32, 32] channels-last tensor, 1 thread:
                                            # ReLU / add into a fresh tensor vs in place
+    python benchmarks/probe_f.py broyden   # Broyden's coefficients over a [64, k, 30720] memory,
+                                           # 1 thread: V^T x as bmm(V, x) vs bmm(x^T, V^T)
     python benchmarks/probe_f.py defended  # tiny served form, batch 64, 2 threads: op breakdown of
                                            # the undefended path and of Tf 2, R 10
 
@@ -192,8 +194,30 @@ def head_probe() -> None:
             _head_times(model, states, "folded" if inference else "as saved")
 
 
+def broyden_probe() -> None:
+    """The coefficient product of Broyden's matvec in its two layouts (tiny's state size)."""
+    torch.set_num_threads(1)
+    b, m, d = 64, 8, 30720
+    x = torch.randn(b, d)
+    for k in (4, 8):
+        full = torch.randn(b, m, d)
+        vts = full[:, :k]  # the solver reads the filled slots as a view
+        old = _ms(lambda: torch.bmm(vts, x.unsqueeze(2)))  # noqa: B023
+        new = _ms(lambda: torch.bmm(x.unsqueeze(1), vts.transpose(1, 2)))  # noqa: B023
+        diff = (
+            (
+                torch.bmm(vts, x.unsqueeze(2)).squeeze(2)
+                - torch.bmm(x.unsqueeze(1), vts.transpose(1, 2)).squeeze(1)
+            )
+            .abs()
+            .max()
+        )
+        print(f"k={k}: bmm(V, x) {old:.2f} ms, bmm(x^T, V^T) {new:.2f} ms, max diff {diff:.2e}")
+
+
 if __name__ == "__main__":
     {
+        "broyden": broyden_probe,
         "compile": compile_probe,
         "profile": profile_probe,
         "batch": batch_probe,
