@@ -2,6 +2,9 @@
 
 SIGTERM drains instead of stopping at once: readiness turns false and new work gets 503, the
 requests in flight finish (up to ``DEQGUARD_DRAIN_GRACE_S``), then the server exits with 0.
+Requests still in flight when the grace runs out are answered 503 (``shutting_down``, the usual
+JSON error body) and the device stops their batch at its next solver or input-gradient step, so
+the process exits within the grace plus a few seconds (:data:`SHUTDOWN_MARGIN_S`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from service.settings import ServiceSettings, load_settings
 __all__ = ["DrainingServer", "main"]
 
 log = logging.getLogger("deqguard.service")
+
+SHUTDOWN_MARGIN_S = 5.0
+"""After the drain: how long requests that were just answered (and any that do not use the
+device) get to finish their responses before uvicorn cancels them (its
+``timeout_graceful_shutdown``); also the most the drain waits for the handlers of requests it
+answered 503 to write them."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -42,16 +51,22 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         settings: ServiceSettings = self.ctx.settings  # type: ignore[attr-defined]
-        started = loop_time = asyncio.get_running_loop().time()
+        started = asyncio.get_running_loop().time()
         idle = await self.ctx.wait_idle(settings.drain_grace_s)  # type: ignore[attr-defined]
-        loop_time = asyncio.get_running_loop().time()
-        left = settings.drain_delay_s - (loop_time - started)
+        if not idle:
+            # answer what is left with a JSON 503 ourselves, before uvicorn would cancel the
+            # handlers (a plain-text 500), and stop the device work at its next step
+            n = self.ctx.abort_in_flight()  # type: ignore[attr-defined]
+            log.warning(
+                "drain grace period (%.1fs) over with work in flight: %d requests answered 503, "
+                "their computation stopped",
+                settings.drain_grace_s,
+                n,
+            )
+            await self.ctx.wait_idle(SHUTDOWN_MARGIN_S)  # type: ignore[attr-defined]
+        left = settings.drain_delay_s - (asyncio.get_running_loop().time() - started)
         if left > 0:
             await asyncio.sleep(left)
-        if not idle:
-            log.warning(
-                "drain grace period (%.1fs) over with work in flight", settings.drain_grace_s
-            )
         self.should_exit = True
 
 
@@ -107,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
+        # the drain (SIGTERM) has already waited the grace and answered what was left by then
+        timeout_graceful_shutdown=int(SHUTDOWN_MARGIN_S),
         access_log=False,
     )
     server = DrainingServer(config, app.state.ctx)

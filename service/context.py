@@ -23,7 +23,7 @@ from deqguard.cpu_memory import retain_freed_memory
 from deqguard.defense import DefenseParams
 from deqguard.device import resolve_device
 from service.batcher import Batcher, Job, JobResult
-from service.errors import DeadlineExceeded, NotReady
+from service.errors import DeadlineExceeded, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.resolver import RequestResolver
 from service.settings import ServiceSettings
@@ -71,6 +71,7 @@ class ServiceContext:
         self.draining = False
         self.started_at = time.time()
         self.in_flight = 0
+        self._jobs: set[Job] = set()  # the jobs of the requests in flight
         self._idle: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -103,6 +104,9 @@ class ServiceContext:
     async def shutdown(self) -> None:
         self.draining = True
         self.metrics.ready.set(0)
+        # whatever still computes now has outlived the drain (or the server was told to exit):
+        # stop it at its next step instead of waiting for the batch
+        self.worker.stop_compute()
         await self.batcher.stop()
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
@@ -112,6 +116,24 @@ class ServiceContext:
             log.info("draining: %d requests in flight", self.in_flight)
         self.draining = True
         self.metrics.ready.set(0)
+
+    def abort_in_flight(self) -> int:
+        """Past the drain grace: every request still waiting for the device is answered 503
+        (``shutting_down``) now, and the device stops the batches it computes at their next
+        solver or input-gradient step. Returns how many requests were answered."""
+        self.worker.stop_compute()
+        n = 0
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.set_exception(
+                    ShuttingDown(
+                        f"the server is shutting down: the drain grace of "
+                        f"{self.settings.drain_grace_s:g} s ran out before this request "
+                        "finished, and its computation was stopped; retry elsewhere"
+                    )
+                )
+                n += 1
+        return n
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or ``timeout`` seconds pass (False)."""
@@ -162,9 +184,10 @@ class ServiceContext:
         m.batch_size.observe(n)
         m.inference_duration.labels(model=model).observe(elapsed)
         for job, res in zip(jobs, results):
-            if isinstance(res, BaseException):
-                continue
-            m.queue_duration.observe(max(0.0, job.future.result().queue_s))
+            fut = job.future
+            if isinstance(res, BaseException) or fut.cancelled() or fut.exception() is not None:
+                continue  # failed, or answered otherwise (503 by abort_in_flight) meanwhile
+            m.queue_duration.observe(max(0.0, fut.result().queue_s))
             outputs, _served = res
             m.images.labels(model=model).inc(len(outputs))
             for out in outputs:
@@ -193,6 +216,7 @@ class ServiceContext:
             future=loop.create_future(),
         )
         self.batcher.submit(job)
+        self._jobs.add(job)
         self.in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.set(self.in_flight)
@@ -221,6 +245,7 @@ class ServiceContext:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            self._jobs.discard(job)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:

@@ -39,6 +39,7 @@ __all__ = [
     "QueueFull",
     "ErrorTable",
     "ServiceError",
+    "ShuttingDown",
     "Unauthorized",
     "UnsupportedMediaType",
     "as_service_error",
@@ -128,6 +129,16 @@ class NotReady(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
         if draining:
             self.reason = "draining"
+
+
+class ShuttingDown(ServiceError):
+    """The drain grace ran out with this request in flight: its work was stopped unfinished."""
+
+    status_code = 503
+    reason = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class ModelLoadFailed(ServiceError):

@@ -12,16 +12,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from deqguard.configs import SolverConfig, solver_steps
-from deqguard.defense import DefenseParams, Preset, defended_forward, get_preset
+from deqguard.defense import DefenseParams, DefenseStopped, Preset, defended_forward, get_preset
 from deqguard.store import LoadedEntry, Manifest, StoreError, load_entry
-from service.errors import SERVE_ERRORS, as_service_error
+from service.errors import SERVE_ERRORS, ShuttingDown, as_service_error
 from service.hold import wait_while_held
 from service.metrics import ServiceMetrics
 from service.outputs import ImageOutput
@@ -129,15 +129,24 @@ def run_batch(
     params: Sequence[DefenseParams],
     *,
     chunk: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[ImageOutput]:
-    """float [B, 3, 32, 32] in [0, 1] with one DefenseParams per image -> one ImageOutput each."""
+    """float [B, 3, 32, 32] in [0, 1] with one DefenseParams per image -> one ImageOutput each.
+
+    ``should_stop`` goes to the defended forward (checked before every f-evaluation and
+    input-gradient step; :class:`~deqguard.defense.DefenseStopped` when it turns true)."""
     outs: list[ImageOutput] = []
     model = served.entry.model
     dev = next(model.parameters()).device
     for start in range(0, images.shape[0], chunk):
         x = images[start : start + chunk].to(dev, dtype=torch.float32, non_blocking=True)
         res = defended_forward(
-            model, x, list(params[start : start + chunk]), served.solver, steps=served.steps
+            model,
+            x,
+            list(params[start : start + chunk]),
+            served.solver,
+            steps=served.steps,
+            should_stop=should_stop,
         )
         probs = torch.softmax(res.logits.float(), dim=1).cpu().numpy()
         entropy = res.entropy.float().cpu().tolist()
@@ -182,6 +191,12 @@ class DeviceWorker:
             capacity=settings.max_loaded_models,
             steps=settings.solver_steps,
         )
+        self._stop = threading.Event()
+
+    def stop_compute(self) -> None:
+        """From any thread, at shutdown: the batches computing now stop at their next solver
+        or input-gradient step and later ones do not start; their requests get 503."""
+        self._stop.set()
 
     @property
     def default_name(self) -> str:
@@ -197,13 +212,26 @@ class DeviceWorker:
     def run(
         self, model: str, images: torch.Tensor, params: Sequence[DefenseParams]
     ) -> tuple[list[ImageOutput], ServedModel]:
-        """Device thread: look up (maybe load) the model and run one batch."""
-        wait_while_held(self.settings.device_hold_file)
+        """Device thread: look up (maybe load) the model and run one batch (503
+        :class:`ShuttingDown` once :meth:`stop_compute` was called)."""
+        stopping = self._stop.is_set
+        wait_while_held(self.settings.device_hold_file, stopping)
+        if stopping():
+            raise ShuttingDown("the server is shutting down; the batch was not started")
         before = self.pool.peek(model)
         served = self.pool.get(model)
         if before is not served:
             self.publish_models()
-        return run_batch(served, images, params, chunk=self.settings.max_batch_size), served
+        try:
+            outputs = run_batch(
+                served, images, params, chunk=self.settings.max_batch_size, should_stop=stopping
+            )
+        except DefenseStopped:
+            raise ShuttingDown(
+                "the server is shutting down: the drain grace ran out before this request's "
+                "computation finished, and it was stopped; retry elsewhere"
+            ) from None
+        return outputs, served
 
     def load_default(self) -> ServedModel:
         """Device thread, at start: the default model."""

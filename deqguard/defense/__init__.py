@@ -8,6 +8,7 @@
 from deqguard.defense.entropy import (
     BatchParams,
     DefenseResult,
+    DefenseStopped,
     DefenseTrace,
     defended_forward,
     entropy_descent,
@@ -34,6 +35,7 @@ __all__ = [
     "DefenseParams",
     "Preset",
     "DefenseResult",
+    "DefenseStopped",
     "DefenseTrace",
     "defended_forward",
     "defense_from_spec",

@@ -25,7 +25,7 @@ computation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +41,41 @@ from deqguard.dynamics import (
     resolve_solver,
 )
 from deqguard.models.mdeq import Injection, MDEQClassifier
-from deqguard.solvers import FixedPointSolver, Trajectory
+from deqguard.solvers import CellFn, FixedPointSolver, Trajectory
 
-__all__ = ["BatchParams", "DefenseResult", "DefenseTrace", "defended_forward", "entropy_descent"]
+__all__ = [
+    "BatchParams",
+    "DefenseResult",
+    "DefenseStopped",
+    "DefenseTrace",
+    "defended_forward",
+    "entropy_descent",
+]
+
+StopCheck = Callable[[], bool]
+"""``should_stop()``: True once the caller wants the forward abandoned (a server shutting down)."""
+
+
+class DefenseStopped(RuntimeError):
+    """``should_stop()`` turned true: the forward was abandoned before an f-evaluation or an
+    input-gradient step, and there is no result."""
+
+
+def _check(should_stop: StopCheck | None) -> None:
+    if should_stop is not None and should_stop():
+        raise DefenseStopped("stopped: should_stop() turned true")
+
+
+def _stoppable(fn: CellFn, should_stop: StopCheck | None) -> CellFn:
+    """``fn`` checking ``should_stop`` before every f-evaluation (the same values otherwise)."""
+    if should_stop is None:
+        return fn
+
+    def checked(z: Tensor, index: Tensor | None) -> Tensor:
+        _check(should_stop)
+        return fn(z, index)
+
+    return checked
 
 
 @dataclass
@@ -172,6 +204,7 @@ def entropy_descent(
     masks: list[Tensor] | None = None,
     jac: Tensor | None = None,
     inner: list[Tensor] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> Tensor:
     """R[b] steps of Eq. 8 for each sample b with z held; returns the new x [b, 3, H, W].
 
@@ -187,6 +220,9 @@ def entropy_descent(
     z is held, so the z-only part of f (``model.cell_inner(z)``, the branch blocks' convs: most
     of f's MACs) is computed once here (or passed as ``inner``) and reused by all R steps; each
     step pays only the stem, the injection/fusion part of f and the head, forward and backward.
+
+    ``should_stop`` (if given) is called before every step; when it returns True the descent
+    raises :class:`DefenseStopped`.
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
     lo = (x0 - eps.view(shape)).clamp(min=0.0)
@@ -198,6 +234,7 @@ def entropy_descent(
         with torch.no_grad():
             inner = model.cell_inner(z)
     for r in range(1, int(R.max()) + 1):
+        _check(should_stop)
         live = R >= r
         idx = rows if bool(live.all()) else rows[live]
         full = idx.shape[0] == x.shape[0]
@@ -244,6 +281,7 @@ def defended_forward(
     *,
     steps: int = DEFAULT_SOLVER_STEPS,
     trace: bool = False,
+    should_stop: StopCheck | None = None,
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.
 
@@ -259,6 +297,10 @@ def defended_forward(
         steps: N, the solver steps.
         trace: also return the iterates, the input in effect at every step and its derivative
             (:class:`DefenseTrace`).
+        should_stop: called before every f-evaluation (so every solver step) and every
+            input-gradient step; once it returns True the forward raises
+            :class:`DefenseStopped` instead of finishing (a server stops a long batch at
+            shutdown with it). It changes no value: a forward it never stops is the same.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [B, 3, H, W], got shape {tuple(x.shape)}")
@@ -277,7 +319,7 @@ def defended_forward(
     trajectory = Trajectory()
     with cached_weights(model):
         injection = model.inject(x0)
-        fn = cell_fn(model, injection)
+        fn = _stoppable(cell_fn(model, injection), should_stop)
         state = slv.init(fn, model.zero_state(batch, dev, x.dtype))
         done = 0
         jac = torch.ones_like(x0) if trace else None
@@ -310,6 +352,7 @@ def defended_forward(
                 sub_masks,
                 jac_rows,
                 inner,
+                should_stop,
             )
             grad_steps[idx] += p.R[idx]
             x_cur = x_cur.clone()
@@ -323,11 +366,11 @@ def defended_forward(
             feats = injection.features.clone()
             feats[idx] = new_inj.features
             injection = Injection(feats, injection.masks)
-            fn = cell_fn(model, injection)
+            fn = _stoppable(cell_fn(model, injection), should_stop)
             # Line 13: z[t] = one solver step from z[<t] (the memory as it was) under x[t]:
             # f at z[t-1] under the new input (un-freezing rows that had converged under the
             # old one), then the step; z~[t] is discarded (its f-evaluation still counts).
-            sub_fn = cell_fn(model, new_inj)
+            sub_fn = _stoppable(cell_fn(model, new_inj), should_stop)
             nfe_before = before.nfe
             redo = slv.retarget(sub_fn, before, reset_memory=False)
             redo = slv.advance(sub_fn, redo, 1)

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deqguard.data import load_test
@@ -72,5 +73,74 @@ def test_sigterm_drains_in_flight_work(service_store: Path, tmp_path: Path) -> N
             t.join(timeout=1800)
         assert results == [200, 200, 200]
         assert server.wait(timeout=600) == 0
+    finally:
+        server.stop()
+
+
+# Work that outlives the grace by construction, whatever the machine: one image, N = 256 solver
+# steps, an intervention after every step (Tf = 1) of R = 10,000 input-gradient steps each:
+# 2.56 million gradient steps, each a forward and a backward through the stem, f's outer part
+# and the head (dozens of kernels and an autograd call). Even at an unreachable 5 us per step
+# that is 12.8 s, over the exit bound below; in practice it is hours (a gradient step
+# of this model took 20-50 ms on the project's shared 2-core CPU, and well over 100 us anywhere).
+_SLOW = {"R": 10_000, "Tf": 1}
+_STEPS = 256
+_GRACE_S = 1.0
+_EXIT_BOUND_S = _GRACE_S + 10.0
+
+
+def test_sigterm_past_the_grace_answers_503_and_stops_the_device(service_store: Path) -> None:
+    """Requests that outlive the drain grace (one computing, one queued behind it) get the
+    service's JSON 503 (``shutting_down``), not uvicorn's plain-text 500 after twice the grace,
+    and the device stops the batch at its next step: the process exits 0 within the grace plus
+    a few seconds instead of when the batch would have ended."""
+    server = LiveServer(
+        service_command(),
+        env=service_env(
+            service_store,
+            max_batch_size=1,
+            max_batch_delay_ms=1,
+            solver_steps=_STEPS,
+            max_defense_steps=_SLOW["R"],
+            max_request_grad_steps=0,  # no work cap: the point is a request that runs long
+            drain_grace_s=_GRACE_S,
+        ),
+    ).start()
+    try:
+        url = server.url
+        png = encode_png(load_test(n=1).images[0].numpy())
+        raw = {"content": png, "headers": {"Content-Type": "image/png"}}
+        answers: list[httpx.Response | BaseException] = []
+
+        def call() -> None:
+            try:
+                answers.append(http.post(url + "/v1/predict", params=_SLOW, timeout=300, **raw))
+            except BaseException as exc:  # reported by the asserts below
+                answers.append(exc)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 300
+        while True:  # one computing (taken off the queue), one queued behind it
+            ready = http.get(url + "/readyz").json()
+            if ready["in_flight"] == 2 and ready["queue_depth"] == 1:
+                break
+            assert time.monotonic() < deadline, f"requests did not arrive: {ready}"
+            time.sleep(0.05)
+
+        sent = time.monotonic()
+        server.signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=120)
+        assert len(answers) == 2, answers
+        for r in answers:
+            assert isinstance(r, httpx.Response), r
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["reason"] == "shutting_down"
+        assert server.wait(timeout=max(0.1, _EXIT_BOUND_S - (time.monotonic() - sent))) == 0
+        assert "answered 503" in server.log()
     finally:
         server.stop()
