@@ -27,6 +27,7 @@ from deqguard.defense import DefenseParamError
 from deqguard.store import StoreError
 from service.api import health, v1, v2
 from service.api.common import field_from_loc, strict_query
+from service.api.docs import install_docs
 from service.context import ClientGone, ServiceContext
 from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, as_service_error
 from service.schemas import InferRequest
@@ -158,6 +159,8 @@ def create_app(
         ),
         lifespan=_lifespan,
         dependencies=[Depends(strict_query)],
+        docs_url=None,  # /docs and /redoc come from install_docs: offline, no CDN
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.state.settings = settings
@@ -195,6 +198,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    install_docs(app)
     for router in extra_routers:
         app.include_router(router)
     app.add_middleware(RequestMiddleware, ctx=ctx)

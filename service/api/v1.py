@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated, Any
 
@@ -19,9 +18,10 @@ from service.api.common import (
     server_timing,
     validate_model,
 )
+from service.api.examples import multipart_examples, predict_json_examples, raw_image_examples
 from service.context import ServiceContext, get_ctx
 from service.errors import BadImage, InvalidParameter, UnsupportedMediaType
-from service.imaging import IMAGE_MEDIA_TYPES, MEDIA_ALIASES, encode_png
+from service.imaging import IMAGE_MEDIA_TYPES, MEDIA_ALIASES
 from service.schemas import (
     MODEL_REF_PATTERN,
     DefenseFields,
@@ -51,15 +51,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "deadline passed while queued",
     }.items()
 }
-
-
-def _example_png_b64() -> str:
-    """A 32x32 PNG (a colour gradient) for the /docs JSON example."""
-    import numpy as np
-
-    y, x = np.mgrid[0:32, 0:32]
-    img = np.stack([x * 8, y * 8, (x + y) * 4]).astype(np.uint8)
-    return base64.b64encode(encode_png(img)).decode()
 
 
 _FIELD_SCHEMAS = {
@@ -96,7 +87,7 @@ PREDICT_BODY: dict[str, Any] = {
                         **_FIELD_SCHEMAS,
                     },
                 },
-                "example": {"images": [_example_png_b64()], "preset": "fast"},
+                "examples": predict_json_examples(),
             },
             "multipart/form-data": {
                 "schema": {
@@ -111,9 +102,13 @@ PREDICT_BODY: dict[str, Any] = {
                     },
                 },
                 "encoding": {"images": {"contentType": "image/png, image/jpeg, image/webp"}},
+                "examples": multipart_examples(),
             },
             **{
-                media: {"schema": {"type": "string", "format": "binary"}}
+                media: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "examples": raw_image_examples(media),
+                }
                 for media in IMAGE_MEDIA_TYPES
             },
         },

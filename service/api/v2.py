@@ -29,6 +29,7 @@ from service.api.common import (
     server_timing,
     validate_model,
 )
+from service.api.examples import v2_binary_examples, v2_json_examples
 from service.context import ServiceContext, get_ctx
 from service.errors import (
     PATH_ERRORS,
@@ -83,20 +84,12 @@ INFER_BODY: dict[str, Any] = {
         "content": {
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/InferRequest"},
-                "example": {
-                    "id": "example-1",
-                    "parameters": {"preset": "off"},
-                    "inputs": [
-                        {
-                            "name": "images",
-                            "shape": [1, 3, 32, 32],
-                            "datatype": "FP32",
-                            "data": [0.5] * (3 * 32 * 32),
-                        }
-                    ],
-                },
+                "examples": v2_json_examples(),
             },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "examples": v2_binary_examples(),
+            },
         },
     }
 }
