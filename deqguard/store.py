@@ -4,6 +4,11 @@ Layout::
 
     model_store/<name>/manifest.json        # what the weights are, how they were made, metrics
     model_store/<name>/weights.safetensors  # the state dict (never pickle)
+    model_store/<name>/versions/<version>/  # optional: more versions of <name>, same two files
+
+``name`` alone means the entry's current version (the top-level files; without them, the
+highest version under ``versions/``); ``name@version`` means that version, wherever it lives, so
+several versions of one name can be served side by side.
 
 The manifest records the sha256 of the weights; :func:`load_entry` recomputes it and refuses a
 mismatch, so a tampered or truncated checkpoint never serves. Names are validated (no path
@@ -39,6 +44,7 @@ __all__ = [
     "StoreNotFoundError",
     "default_store_root",
     "list_entries",
+    "list_versions",
     "load_entry",
     "manifest_stamp",
     "parse_ref",
@@ -51,6 +57,7 @@ __all__ = [
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+VERSIONS = "versions"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -204,10 +211,16 @@ def save_entry(
     dataset_fingerprint: str | None = None,
     device: str | None = None,
     notes: str = "",
+    as_version: bool = False,
 ) -> Path:
-    """Write ``<root>/<name>/`` (weights first, manifest last, each atomically). Returns the dir."""
+    """Write ``<root>/<name>/`` (weights first, manifest last, each atomically). Returns the dir.
+
+    ``as_version``: write ``<root>/<name>/versions/<version>/`` instead, beside the current
+    version rather than in its place (both stay servable as ``name@version``)."""
     validate_name(version)
     entry = _entry_dir(root, name)
+    if as_version:
+        entry = entry / VERSIONS / version
     entry.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     blob = save_safetensors(state, metadata={"name": name, "version": version})
@@ -243,21 +256,52 @@ def _write_manifest(entry: Path, manifest: Manifest) -> None:
     _atomic_write(entry / MANIFEST, text.encode())
 
 
+def _version_key(version: str) -> tuple[int, int, str]:
+    """Numeric versions in numeric order, before other names (Triton's "latest" policy)."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+def _version_dirs(entry: Path) -> list[Path]:
+    base = entry / VERSIONS
+    if not base.is_dir():
+        return []
+    found = [d for d in base.iterdir() if _NAME.match(d.name) and (d / MANIFEST).is_file()]
+    return sorted(found, key=lambda d: _version_key(d.name))
+
+
+def _manifest_path(root: str | os.PathLike[str], ref: str) -> tuple[Path, bool]:
+    """The manifest file ``ref`` names, and whether that choice is stable (False: ``name``
+    alone with no top-level manifest, where a new version directory changes the answer)."""
+    name, version = parse_ref(ref)
+    entry = _entry_dir(root, name)
+    if version is not None:
+        side = entry / VERSIONS / version / MANIFEST
+        return (side if side.is_file() else entry / MANIFEST), True
+    top = entry / MANIFEST
+    if top.is_file():
+        return top, True
+    versions = _version_dirs(entry)
+    return (versions[-1] / MANIFEST if versions else top), False
+
+
 def manifest_stamp(root: str | os.PathLike[str], ref: str) -> tuple[int, int, int] | None:
     """(mtime ns, size, inode) of the manifest file ``ref`` names, or None if it cannot be
-    stat-ed: a cheap change detector for callers that cache :func:`read_manifest`'s result.
-    Writes are atomic renames, so any rewrite changes the inode."""
+    stat-ed (or the choice of file may change): a cheap change detector for callers that cache
+    :func:`read_manifest`'s result. Writes are atomic renames, so any rewrite changes the inode."""
     try:
-        st = (_entry_dir(root, parse_ref(ref)[0]) / MANIFEST).stat()
+        path, stable = _manifest_path(root, ref)
+        st = path.stat()
     except (OSError, StoreError):
+        return None
+    if not stable:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def read_manifest(root: str | os.PathLike[str], ref: str) -> Manifest:
-    """The manifest of ``name`` or ``name@version`` (the version must match)."""
+    """The manifest of ``name`` or ``name@version`` (the version must exist)."""
     name, version = parse_ref(ref)
-    path = _entry_dir(root, name) / MANIFEST
+    path, _ = _manifest_path(root, ref)
     if not path.is_file():
         raise StoreNotFoundError(f"model {name!r} not found: no {path}")
     try:
@@ -271,11 +315,31 @@ def read_manifest(root: str | os.PathLike[str], ref: str) -> Manifest:
         raise StoreIntegrityError(
             f"model {name!r}: manifest {path} names {manifest.name!r} instead"
         )
+    if path.parent.parent.name == VERSIONS and manifest.version != path.parent.name:
+        raise StoreIntegrityError(
+            f"model {name!r}: manifest {path} says version {manifest.version!r}"
+        )
     if version is not None and manifest.version != version:
+        have = [m.version for m in list_versions(root, name)]
         raise StoreNotFoundError(
-            f"model {name!r} has version {manifest.version!r}, not the requested {version!r}"
+            f"model {name!r} has versions {have}, not the requested {version!r}"
         )
     return manifest
+
+
+def list_versions(root: str | os.PathLike[str], name: str) -> list[Manifest]:
+    """Every readable version of entry ``name`` (current and ``versions/``), lowest first."""
+    entry = _entry_dir(root, name)
+    refs = [name] if (entry / MANIFEST).is_file() else []
+    refs += [f"{name}@{d.name}" for d in _version_dirs(entry)]
+    found: dict[str, Manifest] = {}
+    for ref in refs:
+        try:
+            m = read_manifest(root, ref)
+        except StoreError:
+            continue
+        found.setdefault(m.version, m)
+    return [found[v] for v in sorted(found, key=_version_key)]
 
 
 def load_entry(
@@ -291,7 +355,7 @@ def load_entry(
     copy instead (what the service runs): same outputs to float rounding, less work, no training.
     """
     manifest = read_manifest(root, ref)
-    entry = _entry_dir(root, manifest.name)
+    entry = _manifest_path(root, ref)[0].parent
     wpath = entry / manifest.weights_file
     if Path(manifest.weights_file).name != manifest.weights_file or not wpath.is_file():
         raise StoreNotFoundError(f"model {manifest.name!r}: weights file {wpath} is missing")
@@ -324,7 +388,8 @@ def list_entries(root: str | os.PathLike[str]) -> list[Manifest]:
     if not base.is_dir():
         return out
     for child in sorted(base.iterdir()):
-        if child.is_dir() and (child / MANIFEST).is_file() and _NAME.match(child.name):
+        has = (child / MANIFEST).is_file() or (child / VERSIONS).is_dir()
+        if child.is_dir() and has and _NAME.match(child.name):
             try:
                 out.append(read_manifest(base, child.name))
             except StoreError:
@@ -336,5 +401,5 @@ def update_metrics(root: str | os.PathLike[str], name: str, metrics: dict[str, A
     """Merge measured metrics into an entry's manifest (weights untouched)."""
     manifest = read_manifest(root, name)
     manifest.metrics.update(metrics)
-    _write_manifest(_entry_dir(root, name), manifest)
+    _write_manifest(_manifest_path(root, name)[0].parent, manifest)
     return manifest

@@ -30,6 +30,7 @@ from service.api.common import field_from_loc, strict_query
 from service.api.docs import install_docs
 from service.context import ClientGone, ServiceContext
 from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, as_service_error
+from service.grpc_server import grpc_endpoint
 from service.schemas import InferRequest
 from service.settings import ServiceSettings
 
@@ -133,7 +134,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: ServiceContext = app.state.ctx
     await ctx.startup()
     try:
-        yield
+        async with grpc_endpoint(ctx):  # KServe v2 gRPC on the same loop and context
+            yield
     finally:
         await ctx.shutdown()
 

@@ -27,6 +27,7 @@ from service.errors import DeadlineExceeded, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.resolver import RequestResolver
 from service.settings import ServiceSettings
+from service.stats import StatsRegistry
 from service.worker import DeviceWorker
 
 __all__ = ["ClientGone", "ServiceContext", "get_ctx"]
@@ -50,6 +51,7 @@ class ServiceContext:
         if settings.cpu_retain_memory:
             retain_freed_memory()
         self.metrics = ServiceMetrics(self.device)
+        self.stats = StatsRegistry()  # Triton's statistics extension, per model version
         self.resolver = RequestResolver(settings)
         self.worker = DeviceWorker(settings, self.device, self.metrics)
         self.batcher = Batcher(
@@ -183,6 +185,9 @@ class ServiceContext:
         n = sum(j.n for j in jobs)
         m.batch_size.observe(n)
         m.inference_duration.labels(model=model).observe(elapsed)
+        served = next((r[1] for r in results if not isinstance(r, BaseException)), None)
+        if served is not None:
+            self.stats.execution(served.name, served.version, n, elapsed)
         for job, res in zip(jobs, results):
             fut = job.future
             if isinstance(res, BaseException) or fut.cancelled() or fut.exception() is not None:
@@ -203,7 +208,45 @@ class ServiceContext:
         request: Request | None = None,
     ) -> JobResult:
         """Queue images for the device and wait: 429 when full, 504 past the deadline, and
-        withdrawal when the client disconnects first."""
+        withdrawal when the client disconnects first (or the handler is cancelled: a gRPC
+        client's cancel or deadline). Every outcome counts in :attr:`stats`."""
+        t0 = time.monotonic()
+        try:
+            result = await self._infer(model, images, params, deadline_ms, request)
+        except BaseException:
+            name, _, version = model.partition("@")
+            self.stats.failure(name, version or self._version_of(name), time.monotonic() - t0)
+            raise
+        served = result.model
+        if served is not None:
+            self.stats.success(
+                served.name,
+                served.version,
+                len(result.outputs),
+                time.monotonic() - t0,
+                result.queue_s,
+                result.compute_s,
+            )
+        return result
+
+    def _version_of(self, name: str) -> str:
+        """The version a request naming ``name`` alone meant (for the statistics of a failure)."""
+        version = self.worker.current_version(name)
+        if version is None:
+            try:
+                version = self.resolver.manifest(name).version
+            except Exception:  # noqa: BLE001 - statistics must not change the error
+                version = ""
+        return version
+
+    async def _infer(
+        self,
+        model: str,
+        images: torch.Tensor,
+        params: Sequence[DefenseParams],
+        deadline_ms: float | None,
+        request: Request | None,
+    ) -> JobResult:
         self.check_admission()
         assert self._idle is not None
         loop = asyncio.get_running_loop()
@@ -242,6 +285,9 @@ class ServiceContext:
                     field="deadline_ms",
                 )
             return await job.future
+        except asyncio.CancelledError:  # the handler was cancelled (a gRPC cancel or deadline)
+            self.batcher.cancel(job)
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -38,6 +38,7 @@ __all__ = [
     "PayloadTooLarge",
     "QueueFull",
     "ErrorTable",
+    "GRPC_CODES",
     "ServiceError",
     "ShuttingDown",
     "Unauthorized",
@@ -223,6 +224,25 @@ LOAD_ERRORS: ErrorTable = (
     (StoreError, CheckpointRefused, "refused: {exc}; the current model keeps serving"),
 )
 """Store errors of an admin model load (``POST /admin/models/{name}/load``)."""
+
+
+GRPC_CODES: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",  # what gRPC itself answers for a message over its size limit
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "UNAVAILABLE",  # retry later (the answer's metadata carries retry-after)
+    499: "CANCELLED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+"""A service error's HTTP status -> the gRPC status code the KServe v2 gRPC endpoint answers
+with (names of ``grpc.StatusCode``; anything else is ``INTERNAL``)."""
 
 
 _ABS_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"():,;]+)*/([^\s/'\"():,;]+/[^\s/'\"():,;]+)")

@@ -25,8 +25,9 @@ _MAX_CACHED = 64  # bounded: refs come from requests
 
 @dataclass(frozen=True)
 class Resolved:
-    """What a request asks the device for: the model's name, the defense, and the settings
-    applied (the ``defense`` block of the answer)."""
+    """What a request asks the device for: the model (``name``, or ``name@version`` when the
+    request names a version), the defense, and the settings applied (the ``defense`` block of
+    the answer)."""
 
     model: str
     params: DefenseParams
@@ -94,4 +95,6 @@ class RequestResolver:
         params = resolve_defense(preset, overrides, limits)
         self._check_work(n_images, params.grad_steps(steps))
         applied = {"preset": str(preset), **params.to_dict(), "steps": steps}
-        return Resolved(manifest.name, params, applied)
+        # a version named in the request selects that version on the device, beside others
+        versioned = "@" in (fields.model or self.default_ref)
+        return Resolved(manifest.ref if versioned else manifest.name, params, applied)

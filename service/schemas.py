@@ -261,3 +261,49 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class StatDuration(BaseModel):
+    count: int
+    ns: int
+
+
+class InferStats(BaseModel):
+    success: StatDuration
+    fail: StatDuration
+    queue: StatDuration
+    compute_input: StatDuration
+    compute_infer: StatDuration
+    compute_output: StatDuration
+    cache_hit: StatDuration
+    cache_miss: StatDuration
+
+
+class BatchStats(BaseModel):
+    batch_size: int
+    compute_input: StatDuration
+    compute_infer: StatDuration
+    compute_output: StatDuration
+
+
+class ModelStatsEntry(BaseModel):
+    """One model version's statistics (Triton's statistics extension)."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch of the last success")
+    inference_count: int = Field(description="images inferred")
+    execution_count: int = Field(description="device batches run")
+    inference_stats: InferStats
+    batch_stats: list[BatchStats]
+
+
+class ModelStatsResponse(BaseModel):
+    model_stats: list[ModelStatsEntry]
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str
+    reason: str

@@ -98,6 +98,9 @@ class ServiceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """Port of the KServe v2 gRPC endpoint (``tritonclient.grpc``), served beside HTTP on the
+    same host by the same process, batcher, limits and errors; 0 turns it off."""
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("device")
@@ -119,6 +122,14 @@ class ServiceSettings(BaseSettings):
         except StoreError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> ServiceSettings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port: {self.grpc_port} is also the HTTP port; choose another (0: no gRPC)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_warmup(self) -> ServiceSettings:

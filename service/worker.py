@@ -62,9 +62,12 @@ def _served(entry: LoadedEntry, steps_override: int | None) -> ServedModel:
 
 
 class ModelPool:
-    """Models by name, loaded on the device thread, LRU-evicted beyond ``capacity``.
+    """Models by ``name@version``, loaded on the device thread, LRU-evicted beyond ``capacity``.
 
-    The default model stays resident; :meth:`install` swaps an entry in one step (hot reload).
+    Several versions of one name are served side by side: ``name@version`` selects that
+    version, ``name`` alone the name's current one (the first loaded, or the last installed).
+    The default model's current version stays resident; :meth:`install` swaps a name's current
+    version in one step (hot reload).
     """
 
     def __init__(
@@ -81,45 +84,77 @@ class ModelPool:
         self.device = device
         self.capacity = capacity
         self.steps_override = steps
-        self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self._models: OrderedDict[str, ServedModel] = OrderedDict()  # by name@version
+        self._current: dict[str, str] = {}  # name -> the version ``name`` alone serves
         self._lock = threading.Lock()
 
     def loaded(self) -> list[ServedModel]:
         with self._lock:
             return list(self._models.values())
 
-    def peek(self, name: str) -> ServedModel | None:
+    def _key(self, ref: str) -> str | None:
+        name, _, version = ref.partition("@")
+        version = version or self._current.get(name, "")
+        return f"{name}@{version}" if version else None
+
+    def peek(self, ref: str) -> ServedModel | None:
+        """The loaded model ``ref`` (``name`` or ``name@version``) selects, if any."""
         with self._lock:
-            return self._models.get(name)
+            key = self._key(ref)
+            return self._models.get(key) if key else None
+
+    def current_version(self, name: str) -> str | None:
+        """The version ``name`` alone serves now, if it is loaded."""
+        with self._lock:
+            return self._current.get(name)
 
     def install(self, served: ServedModel) -> ServedModel | None:
-        """Put a loaded model in place of its name's entry in one step (hot reload); batches
-        already running keep the old one. Returns the replaced entry, if any."""
+        """Make a loaded model its name's current version in one step (hot reload); batches
+        already running keep the old one. Returns the replaced current version, if any."""
+        key = f"{served.name}@{served.version}"
         with self._lock:
-            old = self._models.get(served.name)
-            self._models[served.name] = served
-            self._models.move_to_end(served.name)
+            old_key = self._key(served.name)
+            old = self._models.get(old_key) if old_key else None
+            if old_key is not None and old_key != key:
+                self._models.pop(old_key, None)
+            self._models[key] = served
+            self._models.move_to_end(key)
+            self._current[served.name] = served.version
+            self._evict()
         return old
 
+    def _evict(self) -> None:
+        keep = self._key(self.default_name)
+        while len(self._models) > self.capacity:
+            victim = next(k for k in self._models if k != keep)
+            gone = self._models.pop(victim)
+            if self._current.get(gone.name) == gone.version:
+                del self._current[gone.name]
+
     def get(self, name: str, version: str | None = None) -> ServedModel:
-        """The served model ``name`` (device thread only: may load weights)."""
-        with self._lock:
-            served = self._models.get(name)
-            if served is not None and (version is None or served.version == version):
-                self._models.move_to_end(name)
-                return served
+        """The served model ``name`` (its current version) or ``name@version`` (device thread
+        only: may load weights). ``name`` may itself be a ``name@version`` reference."""
+        if version is None and "@" in name:
+            name, _, version = name.partition("@")
         ref = name if version is None else f"{name}@{version}"
+        with self._lock:
+            key = self._key(ref)
+            served = self._models.get(key) if key else None
+            if served is not None:
+                self._models.move_to_end(key)  # type: ignore[arg-type]
+                return served
         try:
             entry = load_entry(self.root, ref, device=self.device, inference=True)
         except StoreError as exc:  # found but not servable: the server's fault, not the client's
             raise as_service_error(exc, SERVE_ERRORS) from None
         served = _served(entry, self.steps_override)
+        key = f"{served.name}@{served.version}"
         with self._lock:
-            self._models[name] = served
-            self._models.move_to_end(name)
-            while len(self._models) > self.capacity:
-                victim = next(k for k in self._models if k != self.default_name)
-                del self._models[victim]
+            self._models[key] = served
+            self._models.move_to_end(key)
+            if version is None:
+                self._current.setdefault(name, served.version)
+            self._evict()
         return served
 
 
@@ -206,8 +241,11 @@ class DeviceWorker:
         return self.pool.loaded()
 
     def is_loaded(self, name: str, version: str) -> bool:
-        served = self.pool.peek(name)
-        return served is not None and served.version == version
+        return self.pool.peek(f"{name}@{version}") is not None
+
+    def current_version(self, name: str) -> str | None:
+        """The version requests naming ``name`` alone are served by now, if it is loaded."""
+        return self.pool.current_version(name)
 
     def run(
         self, model: str, images: torch.Tensor, params: Sequence[DefenseParams]
@@ -234,8 +272,9 @@ class DeviceWorker:
         return outputs, served
 
     def load_default(self) -> ServedModel:
-        """Device thread, at start: the default model."""
-        served = self.pool.get(self.default_name)
+        """Device thread, at start: the default model (``DEQGUARD_MODEL``, maybe a version)."""
+        served = self.pool.get(self.settings.model)
+        self.pool.install(served)  # the default name serves this version
         self.publish_models()
         return served
 
@@ -273,5 +312,8 @@ class DeviceWorker:
                 version=served.version,
                 sha256=served.sha256,
                 device=str(self.device),
-                default=str(served.name == self.default_name).lower(),
+                default=str(
+                    served.name == self.default_name
+                    and self.pool.current_version(served.name) == served.version
+                ).lower(),
             ).set(1)

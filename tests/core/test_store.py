@@ -83,3 +83,33 @@ def test_missing_entry_and_wrong_version(entry):
     with pytest.raises(StoreNotFoundError, match="version"):
         load_entry(root, "m1@9")
     assert parse_ref("m1@3") == ("m1", "3")
+
+
+def test_versions_side_by_side(entry):
+    """``versions/<v>/`` holds more versions of a name; ``name`` alone stays the current one."""
+    from deqguard.store import list_versions, manifest_stamp, read_manifest
+
+    root, model = entry
+    torch.manual_seed(1)
+    other = build_model("micro").eval()
+    path = save_entry(root, "m1", other, version="10", as_version=True)
+    assert path == root / "m1" / "versions" / "10"
+    assert read_manifest(root, "m1").version == "3"  # the current version is untouched
+    v10 = load_entry(root, "m1@10")
+    v3 = load_entry(root, "m1@3")
+    assert v10.version == "10" and v3.version == "3" and v10.sha256 != v3.sha256
+    assert [m.version for m in list_versions(root, "m1")] == ["3", "10"]
+    assert [m.ref for m in list_entries(root)] == ["m1@3"]
+    with pytest.raises(StoreNotFoundError, match=r"versions \['3', '10'\]"):
+        read_manifest(root, "m1@7")
+    assert manifest_stamp(root, "m1@10") != manifest_stamp(root, "m1@3")
+    # without top-level files, the name alone is the highest version (numeric order)
+    save_entry(root, "m2", other, version="9", as_version=True)
+    save_entry(root, "m2", model, version="10", as_version=True)
+    assert read_manifest(root, "m2").version == "10" and manifest_stamp(root, "m2") is None
+    assert load_entry(root, "m2").sha256 == load_entry(root, "m2@10").sha256
+    # a version directory whose manifest names another version is refused
+    manifest = root / "m2" / "versions" / "9" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": "9"', '"version": "8"'))
+    with pytest.raises(StoreIntegrityError, match="version"):
+        read_manifest(root, "m2@9")

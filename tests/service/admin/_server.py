@@ -42,6 +42,7 @@ def admin_server(
         "DEQGUARD_DEVICE": "cpu",
         "DEQGUARD_STATE_DIR": str(state_dir),
         "DEQGUARD_MAX_BATCH_DELAY_MS": "2",
+        "DEQGUARD_GRPC_PORT": "0",  # no fixed port: several of these servers run at once
     }
     data = os.environ.get("DEQGUARD_DATA_DIR")
     if data:
