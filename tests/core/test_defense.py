@@ -189,3 +189,36 @@ def test_resolve_defense_is_the_one_resolution_and_names_the_field() -> None:
     assert defense_from_spec("paper") == "paper"
     assert defense_from_spec({"preset": "paper", "R": 2}) == resolve_defense("paper", {"R": 2})
     assert defense_from_spec({"R": 2}) == resolve_defense("off", {"R": 2})
+
+
+def test_should_stop_changes_nothing_until_it_stops_the_forward(model, images) -> None:
+    """``should_stop`` is checked before every f-evaluation and input-gradient step: never true,
+    the result is the same bit for bit; true after k checks, the forward raises DefenseStopped
+    at that step (the server stops a batch at shutdown with it)."""
+    from deqguard.defense import DefenseStopped
+
+    x = images[:2]
+    params = [DefenseParams(R=3, Tf=2), get_preset("off")]
+    plain = defended_forward(model, x, params, steps=4)
+    calls: list[int] = []
+
+    def never() -> bool:
+        calls.append(1)
+        return False
+
+    checked = defended_forward(model, x, params, steps=4, should_stop=never)
+    for name in ("logits", "nfe", "grad_steps", "x_final", "step_entropy", "final_residual"):
+        assert torch.equal(getattr(checked, name), getattr(plain, name)), name
+    total = len(calls)
+    # 1 + 4 solver steps + 2 interventions x (3 gradient steps + 2 f-evaluations)
+    assert total == 1 + 4 + 2 * (3 + 2)
+    for k in (0, 3, total - 1):
+        seen: list[int] = []
+
+        def after_k(k: int = k, seen: list[int] = seen) -> bool:
+            seen.append(1)
+            return len(seen) > k
+
+        with pytest.raises(DefenseStopped):
+            defended_forward(model, x, params, steps=4, should_stop=after_k)
+        assert len(seen) == k + 1  # stopped at the first check that said so
