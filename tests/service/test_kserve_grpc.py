@@ -194,6 +194,7 @@ def test_grpc_deadlines_are_the_batchers(server: LiveServer) -> None:
         assert status == "StatusCode.DEADLINE_EXCEEDED" and "deadline of 300 ms" in msg
         status, _ = _grpc_error(lambda: _grpc_infer(server, _images(1), client_timeout=0.5))
         assert status == "StatusCode.DEADLINE_EXCEEDED"
+        _wait_computing(server)  # the cancelled request left the queue: withdrawn, not computed
     finally:
         server.hold.unlink()  # type: ignore[attr-defined]
     blocker.join(timeout=600)
@@ -308,3 +309,25 @@ def test_grpc_refuses_new_work_while_draining(server: LiveServer) -> None:
     status, msg = _grpc_error(lambda: _grpc_infer(server, _images(1)))
     assert status == "StatusCode.UNAVAILABLE" and "draining" in msg
     assert server.wait(120) == 0
+
+
+def test_grpc_port_settings_and_a_port_in_use(tmp_path: Path) -> None:
+    """The gRPC port may not be the HTTP port, and one that is taken stops the start with a
+    message naming the setting (never shared through SO_REUSEPORT)."""
+    import asyncio
+    import socket
+
+    from service.context import ServiceContext
+    from service.grpc_server import start_grpc
+    from service.settings import ServiceSettings, load_settings
+
+    with pytest.raises(SystemExit, match="grpc_port: 9000 is also the HTTP port"):
+        load_settings(port=9000, grpc_port=9000)
+    assert ServiceSettings(grpc_port=0).grpc_port == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ServiceSettings(model_store=tmp_path, device="cpu", grpc_port=port)
+        with pytest.raises(RuntimeError, match="DEQGUARD_GRPC_PORT"):
+            asyncio.run(start_grpc(ServiceContext(settings)))
