@@ -73,12 +73,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DEQGUARD_HOST=0.0.0.0 \
     DEQGUARD_PORT=8000 \
+    DEQGUARD_GRPC_PORT=8001 \
     DEQGUARD_MODEL_STORE=/app/model_store \
     DEQGUARD_STATE_DIR=/var/lib/deqguard \
     DEQGUARD_DATA_DIR=/data \
     MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/var/lib/deqguard"]
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import os,sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('DEQGUARD_PORT', '8000'), timeout=4).status == 200 else 1)"]
