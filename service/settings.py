@@ -31,8 +31,14 @@ class ServiceSettings(BaseSettings):
     """CIFAR-10 root (read by deqguard.data; the service itself only needs it for benchmarks)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    torch_threads: int = Field(default=0, ge=0, le=256)
-    """CPU threads for torch in each device worker (0: torch's default divided among them)."""
+    torch_threads: int = Field(default=1, ge=0, le=256)
+    """CPU threads for torch in each device worker (0: torch's default, one per core, divided
+    among the workers). Default 1, by measurement (``benchmarks/bench_threads.py``,
+    docs/BENCHMARKS.md): on a 2-core machine a second thread made single ``paper`` images only
+    13% faster and batches of 32 1.7x faster while the machine was idle, but with one other busy
+    process the two-thread team's images took 3.6x (p50) to 9x (p90) longer than one thread's,
+    because each parallel region waits for the thread whose core the other process holds; one
+    thread slowed by at most 1.4x (p50). A machine the service has to itself: set 0."""
     cpu_retain_memory: bool = True
     """Keep freed memory in the process instead of returning it to the OS (glibc only; see
     ``deqguard.cpu_memory``): a forward's tensors then reuse pages instead of page-faulting

@@ -219,3 +219,33 @@ def test_device_thread_keeps_its_torch_threads_when_an_audit_thread_uses_one() -
     finally:
         batcher.executor.shutdown()
         torch.set_num_threads(before)
+
+
+def test_device_threads_default_to_one(monkeypatch) -> None:  # noqa: ANN001
+    """The default thread policy (docs/BENCHMARKS.md, 'Device threads on a shared CPU'): the
+    served device thread runs torch with 1 thread unless DEQGUARD_TORCH_THREADS says otherwise,
+    whatever torch's process-wide default is."""
+    import torch
+
+    from service.batcher import Batcher
+    from service.settings import load_settings
+
+    monkeypatch.delenv("DEQGUARD_TORCH_THREADS", raising=False)
+    settings = load_settings()
+    assert settings.torch_threads == 1
+    monkeypatch.setenv("DEQGUARD_TORCH_THREADS", "0")
+    assert load_settings().torch_threads == 0  # 0 still means torch's default
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    batcher = Batcher(
+        lambda *a: [],
+        max_batch=1,
+        max_delay_s=0.0,
+        queue_size=1,
+        torch_threads=settings.torch_threads,
+    )
+    try:
+        assert batcher.executor.submit(torch.get_num_threads).result() == 1
+    finally:
+        batcher.executor.shutdown()
+        torch.set_num_threads(before)
