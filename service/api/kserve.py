@@ -174,6 +174,13 @@ class Tensor:
     where: str = "inputs[0]"
 
 
+def _image_count(shape: list[int], limit: int, where: str) -> int:
+    """The number of images an input's shape holds, within the per-request limit."""
+    if shape[0] > limit:
+        raise PayloadTooLarge(f"{where}: {shape[0]} images, limit {limit}", field=f"{where}.shape")
+    return shape[0]
+
+
 def _flatten(data: Any) -> list[Any]:
     out: list[Any] = []
     stack = [data]
@@ -230,9 +237,7 @@ def read_input(
                 f"{where}.shape: FP32 input must be [N, 3, 32, 32], got {list(inp.shape)}",
                 field=f"{where}.shape",
             )
-        n = inp.shape[0]
-        if n > limit:
-            raise PayloadTooLarge(f"{where}: {n} images, limit {limit}", field=f"{where}.shape")
+        n = _image_count(inp.shape, limit, where)
         count = n * 3 * 32 * 32
         if inp.raw is not None:
             if len(inp.raw) != count * 4:
@@ -243,25 +248,21 @@ def read_input(
                 )
             arr = np.frombuffer(inp.raw, dtype="<f4").astype(np.float32)
         else:
-            if isinstance(inp.data, np.ndarray):
-                arr = inp.data.astype(np.float32, copy=False).reshape(-1)
-                flat_len = arr.size
-            else:
-                flat = _flatten(inp.data)
-                flat_len = len(flat)
-                if flat_len == count and not all(
-                    isinstance(v, int | float) and not isinstance(v, bool) for v in flat
-                ):
-                    raise InvalidParameter(
-                        f"{where}.data: FP32 values must be numbers", field=f"{where}.data"
-                    )
-            if flat_len != count:
+            typed = isinstance(inp.data, np.ndarray)  # already numbers (gRPC contents)
+            flat = inp.data.reshape(-1) if typed else _flatten(inp.data)
+            if len(flat) != count:
                 raise InvalidParameter(
-                    f"{where}.data: {flat_len} values, expected {count} for shape {list(inp.shape)}",
+                    f"{where}.data: {len(flat)} values, expected {count} for shape "
+                    f"{list(inp.shape)}",
                     field=f"{where}.data",
                 )
-            if not isinstance(inp.data, np.ndarray):
-                arr = np.asarray(flat, dtype=np.float32)
+            if not typed and not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in flat
+            ):
+                raise InvalidParameter(
+                    f"{where}.data: FP32 values must be numbers", field=f"{where}.data"
+                )
+            arr = np.asarray(flat, dtype=np.float32)
         if not np.isfinite(arr).all() or arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > 1.0:
             raise InvalidParameter(
                 f"{where}.data: FP32 pixels must be finite and lie in [0, 1]", field=f"{where}.data"
@@ -273,9 +274,7 @@ def read_input(
                 f"{where}.shape: BYTES input must be [N] (or [N, 1]), got {list(inp.shape)}",
                 field=f"{where}.shape",
             )
-        n = inp.shape[0]
-        if n > limit:
-            raise PayloadTooLarge(f"{where}: {n} images, limit {limit}", field=f"{where}.shape")
+        n = _image_count(inp.shape, limit, where)
         if inp.raw is not None:
             blobs = _unpack_bytes(inp.raw, n, where)
         else:
