@@ -193,6 +193,15 @@ def _features(model: MDEQClassifier, x: Tensor) -> Tensor:
     return model.inject(x).features
 
 
+def _outer_logits(model: MDEQClassifier, z: Tensor, inner: list[Tensor], inj: Injection) -> Tensor:
+    """head(cell_outer(z, inner, inj)), through ``model.outer_head`` where the model has one
+    (MDEQClassifier: the same logits without the flat state in between, fewer copies)."""
+    fused = getattr(model, "outer_head", None)
+    return (
+        fused(z, inner, inj) if fused is not None else model.head(model.cell_outer(z, inner, inj))
+    )
+
+
 def entropy_descent(
     model: MDEQClassifier,
     z: Tensor,
@@ -244,7 +253,7 @@ def entropy_descent(
         hi_ = inner if full else [h[idx] for h in inner]
         with torch.enable_grad():
             inj = Injection(_features(model, xi), m)
-            ent = prediction_entropy(model.head(model.cell_outer(zi, hi_, inj))).sum()
+            ent = prediction_entropy(_outer_logits(model, zi, hi_, inj)).sum()
             (g,) = torch.autograd.grad(ent, xi)
         with torch.no_grad():
             if full:
@@ -360,9 +369,7 @@ def defended_forward(
             if jac is not None:
                 jac[idx] = jac_rows
             new_inj = Injection(_features(model, x_new), sub_masks)
-            post[t - 1, idx] = prediction_entropy(
-                model.head(model.cell_outer(z_tent, inner, new_inj))
-            )
+            post[t - 1, idx] = prediction_entropy(_outer_logits(model, z_tent, inner, new_inj))
             feats = injection.features.clone()
             feats[idx] = new_inj.features
             injection = Injection(feats, injection.masks)

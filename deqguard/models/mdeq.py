@@ -174,6 +174,12 @@ class MDEQClassifier(nn.Module):
 
     def cell_outer(self, z: Tensor, inner: list[Tensor], injection: Injection) -> Tensor:
         """f(z; x) given ``inner = self.cell_inner(z)``: injection, norms, fusion."""
+        return self.flatten(self.cell_outer_branches(z, inner, injection))
+
+    def cell_outer_branches(
+        self, z: Tensor, inner: list[Tensor], injection: Injection
+    ) -> list[Tensor]:
+        """``cell_outer`` before flattening: the branches [B, C_i, H_i, W_i] of f(z; x)."""
         branches = self.unflatten(z)
         masks = injection.masks
         outs = [
@@ -194,19 +200,36 @@ class MDEQClassifier(nn.Module):
                     y = layer(outs[j])
                     acc = y.add_(outs[i]) if acc is None else acc.add_(y)
             fused.append(self.post_fuse[i](outs[i] if acc is None else acc))
-        return self.flatten(fused)
+        return fused
+
+    def outer_head(self, z: Tensor, inner: list[Tensor], injection: Injection) -> Tensor:
+        """``head(cell_outer(z, inner, injection))`` without the flat state in between (the
+        test-time defense's input-gradient step: no concatenation, no copies, and their
+        backward passes, for the same logits)."""
+        return self.head_branches(self.cell_outer_branches(z, inner, injection))
 
     def head(self, z: Tensor) -> Tensor:
         """Logits [B, num_classes] from a flat state [B, D]."""
-        branches = self.unflatten(z)
+        # A branch view of a flat state has batch stride D, not C*H*W, so every conv would copy
+        # it into a dense tensor; the first block has two convs on it (conv1, shortcut): copy
+        # once here instead.
+        return self.head_branches(
+            [b.contiguous(memory_format=torch.channels_last) for b in self.unflatten(z)]
+        )
+
+    def head_branches(self, branches: list[Tensor]) -> Tensor:
+        """Logits [B, num_classes] from the branches [B, C_i, H_i, W_i] of a state."""
         y = self.head_incre[0](branches[0])
         for i, down in enumerate(self.head_down):
             y = self.head_incre[i + 1](branches[i + 1]) + down(y)  # both are ReLU outputs
         y = self.head_final(y)
-        # global average pool over (H, W) as a mean over the rows of an (H*W, C) view: for a
-        # channels-last y that is a view, and its backward stays channels-last (the pooling op's
-        # backward did not, which made the ReLU before it 4x slower in the defense's backward)
-        return self.classifier(y.permute(0, 2, 3, 1).flatten(1, 2).mean(1))
+        # global average pool over (H, W) as a sum over the rows of an (H*W, C) view, then a
+        # division of the [B, C] sums: for a channels-last y the view needs no copy, and the
+        # sum's backward is a broadcast view of the [B, C] gradient, which the ReLU backward
+        # before it reads in place (mean's backward wrote a full [B, H*W, C] tensor, and the
+        # pooling op's backward left channels-last, which made that ReLU backward 4x slower)
+        pooled = y.permute(0, 2, 3, 1).flatten(1, 2).sum(1).div_(y.shape[2] * y.shape[3])
+        return self.classifier(pooled)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of x with the default solver (see :func:`deqguard.dynamics.deq_forward`)."""

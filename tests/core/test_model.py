@@ -166,3 +166,34 @@ def test_head_takes_any_state():
     with torch.no_grad():
         logits = model.head(torch.randn(7, model.state_size))
     assert logits.shape == (7, 10)
+
+
+@pytest.mark.parametrize("name", ["micro", "large"])
+def test_outer_head_is_head_of_cell_outer_bit_for_bit(name):
+    """The defense's input-gradient step skips the flat state between f and the head
+    (``outer_head``): the same logits and the same input gradient, bit for bit, and the head's
+    pooling is the mean over (H, W)."""
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.rand(3, 3, 32, 32)
+    z = torch.randn(3, model.state_size)
+    with torch.no_grad():
+        inner = model.cell_inner(z)
+
+    def grad_of(fn):
+        xi = x.clone().requires_grad_(True)
+        logits = fn(Injection(model.inject(xi).features))
+        (g,) = torch.autograd.grad(logits.square().sum(), xi)
+        return logits.detach(), g
+
+    fused, g_fused = grad_of(lambda inj: model.outer_head(z, inner, inj))
+    flat, g_flat = grad_of(lambda inj: model.head(model.cell_outer(z, inner, inj)))
+    assert torch.equal(fused, flat)
+    assert torch.equal(g_fused, g_flat)
+    with torch.no_grad():
+        branches = model.unflatten(model.cell_outer(z, inner, Injection(model.inject(x).features)))
+        y = model.head_incre[0](branches[0])
+        for i, down in enumerate(model.head_down):
+            y = model.head_incre[i + 1](branches[i + 1]) + down(y)
+        mean_pooled = model.classifier(model.head_final(y).mean(dim=(2, 3)))
+    torch.testing.assert_close(flat, mean_pooled, atol=1e-5, rtol=1e-5)
