@@ -17,21 +17,19 @@ from deqguard.solvers.base import FixedPointSolver, SolverState
 __all__ = ["BroydenSolver"]
 
 
-def _matvec(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
-    """B x with B = -I + U V^T. us, vts [B, M, D]; x [B, D] -> [B, D].
+def _coefficients(x: Tensor, mem: Tensor) -> Tensor:
+    """x^T M^T for each sample: x [B, D], mem [B, M, D] -> [B, 1, M].
 
-    The coefficients are x^T V as a [B, 1, D] x [B, D, M] product: on CPU that reads the
-    memory row by row and ran 4-7x faster than V^T x as [B, M, D] x [B, D, 1] (64 x 8 x
-    30720, one thread; ``python benchmarks/probe_f.py broyden``); the sums differ in rounding only.
+    As a [B, 1, D] x [B, D, M] product: on CPU that reads the memory row by row and ran 4-7x
+    faster than M x as [B, M, D] x [B, D, 1] (64 x 8 x 30720, one thread;
+    ``python benchmarks/probe_f.py broyden``); the sums differ in rounding only.
     """
-    coef = torch.bmm(x.unsqueeze(1), vts.transpose(1, 2))  # [B, 1, M]
-    return torch.bmm(coef, us).squeeze(1) - x  # = -x + ..., one pass fewer
+    return torch.bmm(x.unsqueeze(1), mem.transpose(1, 2))
 
 
 def _rmatvec(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
-    """x^T B. us, vts [B, M, D]; x [B, D] -> [B, D]."""
-    coef = torch.bmm(x.unsqueeze(1), us.transpose(1, 2))  # [B, 1, M]
-    return torch.bmm(coef, vts).squeeze(1) - x
+    """x^T B. us, vts [B, M, D]; x [B, D] -> [B, D] (one pass: baddbmm)."""
+    return torch.baddbmm(x.unsqueeze(1), _coefficients(x, us), vts, beta=-1).squeeze(1)
 
 
 class BroydenSolver(FixedPointSolver):
@@ -40,8 +38,14 @@ class BroydenSolver(FixedPointSolver):
     def _init_memory(self, state: SolverState) -> dict[str, Any]:
         b, d = state.z.shape
         m = self.config.memory
-        zeros = torch.zeros(b, m, d, device=state.z.device, dtype=state.z.dtype)
-        return {"us": zeros, "vts": zeros.clone(), "count": 0}
+
+        # Uninitialised: only the first ``count`` slots are ever read (``_used``), and each is
+        # written before the count reaches it; zero-filling 2 x [B, M, D] cost 5-10 ms a solve
+        # on `tiny` at batch 64.
+        def buffer() -> Tensor:
+            return torch.empty(b, m, d, device=state.z.device, dtype=state.z.dtype)
+
+        return {"us": buffer(), "vts": buffer(), "count": 0}
 
     def _used(self, state: SolverState) -> tuple[Tensor, Tensor]:
         """The filled slots only (the buffer fills up during the first ``memory`` steps)."""
@@ -50,23 +54,32 @@ class BroydenSolver(FixedPointSolver):
         return mem["us"][:, :k], mem["vts"][:, :k]
 
     def _propose(self, state: SolverState) -> Tensor:
-        g = state.fz - state.z
+        # z - B g with g = f(z) - z and B = -I + U V^T is f(z) - U (V^T g): one pass over
+        # [B, D] besides g (the memory's bmm reads aside); the same value up to rounding.
         if state.memory["count"] == 0:
-            return state.z + g
+            return state.fz
+        g = state.fz - state.z
         us, vts = self._used(state)
-        return state.z - _matvec(us, vts, g)
+        return torch.baddbmm(state.fz.unsqueeze(1), _coefficients(g, vts), us, alpha=-1).squeeze(1)
 
     def _observe(self, state: SolverState, z_new: Tensor, fz_new: Tensor, moved: Tensor) -> None:
+        # The "good" update with dz = z_new - z and dg = g(z_new) - g(z) = df - dz, where
+        # df = f(z_new) - f(z):  v^T = dz^T B,  u = (dz - B dg) / (v^T dg) = (df - U V^T dg) /
+        # (v^T dg). Written so that every [B, D] result is one pass (baddbmm, in-place ops), the
+        # dot product a bmm (no [B, D] temporary): 8 passes a step where the textbook form takes
+        # 13; the same values up to rounding.
         mem = state.memory
         us, vts = self._used(state)
         dz = z_new - state.z
-        dg = (fz_new - z_new) - (state.fz - state.z)
+        df = fz_new - state.fz
         if not bool(moved.all()):
             mask = moved[:, None].to(z_new.dtype)
-            dz, dg = dz * mask, dg * mask
+            dz, df = dz.mul_(mask), df.mul_(mask)
+        dg = df - dz
         vt = _rmatvec(us, vts, dz)
-        denom = (vt * dg).sum(dim=1, keepdim=True)
-        u = (dz - _matvec(us, vts, dg)) / denom
+        denom = torch.bmm(vt.unsqueeze(1), dg.unsqueeze(2)).squeeze(2)  # [B, 1]
+        u = torch.baddbmm(df.unsqueeze(1), _coefficients(dg, vts), us, alpha=-1).squeeze(1)
+        u = u.div_(denom)
         ok = (denom.abs() > 1e-30) & torch.isfinite(denom) & moved[:, None]
         if not bool(ok.all()):  # usually every row updates: skip two passes over [B, D]
             u = torch.where(ok, u, torch.zeros_like(u))

@@ -182,6 +182,34 @@ def test_broyden_retarget_forgets_exactly_the_retargeted_rows():
         torch.testing.assert_close(state.z[~which], kept.z[~which], atol=1e-12, rtol=0)
 
 
+def test_broyden_never_reads_a_memory_slot_it_has_not_written():
+    """The secant buffers start uninitialised: poisoning them with NaN after ``init`` changes
+    nothing, through the buffer's wrap-around and a retarget of some rows (zeroed) and of all
+    (the slot count restarts)."""
+    a, b = linear_contraction(batch=4, dim=16, scale=0.6, seed=3)
+    cfg = SolverConfig(name="broyden", max_steps=12, tol=0.0, memory=5)
+    some = torch.tensor([True, False, True, False])
+    runs = []
+    for poison in (False, True):
+        solver = make_solver(cfg)
+        state = solver.init(_linear_fn(a, b), torch.zeros_like(b))
+        if poison:
+            state.memory["us"].fill_(float("nan"))
+            state.memory["vts"].fill_(float("nan"))
+        traj = Trajectory()
+        state = solver.advance(_linear_fn(a, b), state, 7, traj)  # wraps the 5 slots
+        state = solver.retarget(_linear_fn(a, b + 0.3), state, which=some)
+        state = solver.advance(_linear_fn(a, b + 0.3), state, 3, traj)
+        state = solver.retarget(_linear_fn(a, b - 0.2), state)
+        if poison:  # the restarted count makes every slot unwritten again
+            state.memory["us"].fill_(float("nan"))
+            state.memory["vts"].fill_(float("nan"))
+        state = solver.advance(_linear_fn(a, b - 0.2), state, 4, traj)
+        runs.append(traj.stacked_states())
+    assert bool(torch.isfinite(runs[1]).all())
+    torch.testing.assert_close(runs[1], runs[0], atol=0, rtol=0)
+
+
 def test_flat_state_is_required():
     with pytest.raises(ValueError, match="flat"):
         make_solver().init(lambda z, i: z, torch.zeros(2, 3, 4))
