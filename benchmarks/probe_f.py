@@ -12,6 +12,10 @@
                                            # 1 thread: V^T x as bmm(V, x) vs bmm(x^T, V^T)
     python benchmarks/probe_f.py defended  # tiny served form, batch 64, 2 threads: op breakdown of
                                            # the undefended path and of Tf 2, R 10
+    python benchmarks/probe_f.py gradstep [tiny|micro] [threads]
+                                           # one input-gradient step of the defense (served form,
+                                           # batch 64, random weights): float32 vs bf16 autocast,
+                                           # and how many gradient signs agree
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
@@ -215,8 +219,42 @@ def broyden_probe() -> None:
         print(f"k={k}: bmm(V, x) {old:.2f} ms, bmm(x^T, V^T) {new:.2f} ms, max diff {diff:.2e}")
 
 
+def gradstep_probe() -> None:
+    from deqguard.cpu_memory import retain_freed_memory
+    from deqguard.dynamics import prediction_entropy
+    from deqguard.models import build_model, prepare_for_inference
+    from deqguard.models.mdeq import Injection
+
+    name = sys.argv[2] if len(sys.argv) > 2 else "tiny"
+    torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    retain_freed_memory()
+    torch.manual_seed(0)
+    m = prepare_for_inference(build_model(name))
+    x = torch.rand(64, 3, 32, 32)
+    with torch.no_grad():
+        inj = m.inject(x)
+        z = m.zero_state(64, x.device, x.dtype)
+        for _ in range(4):
+            z = m.cell(z, inj)
+        inner = m.cell_inner(z)
+
+    def step(bf16: bool) -> torch.Tensor:
+        xi = x.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = m.outer_head(z, inner, Injection(m.inject(xi).features)).float()
+            (g,) = torch.autograd.grad(prediction_entropy(logits).sum(), xi)
+        return g
+
+    agree = (step(False).sign() == step(True).sign()).float().mean().item()
+    print(f"{name}: gradient signs agreeing float32 vs bf16: {agree:.4f}")
+    for _ in range(2):
+        f32, b16 = _ms(lambda: step(False), 8), _ms(lambda: step(True), 8)
+        print(f"{name}: grad step float32 {f32:.1f} ms, bf16 autocast {b16:.1f} ms (wall)")
+
+
 if __name__ == "__main__":
     {
+        "gradstep": gradstep_probe,
         "broyden": broyden_probe,
         "compile": compile_probe,
         "profile": profile_probe,
