@@ -38,7 +38,9 @@ from tests.image._docker import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+# A hang guard, not a speed check: building the image on a busy 2-core machine took over the
+# suite-wide 900 s (2026-12-02, nice 10 beside two training runs).
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(3600)]
 
 MODEL = "micro-trades-ri"  # the image's default (DEQGUARD_MODEL)
 GRACE_S = 10.0  # DEQGUARD_DRAIN_GRACE_S given to the container
