@@ -27,6 +27,11 @@ def _coefficients(x: Tensor, mem: Tensor) -> Tensor:
     return torch.bmm(x.unsqueeze(1), mem.transpose(1, 2))
 
 
+def _minus_low_rank(base: Tensor, us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
+    """base - U V^T x in one pass over [B, D]: base, x [B, D]; us, vts [B, M, D]."""
+    return torch.baddbmm(base.unsqueeze(1), _coefficients(x, vts), us, alpha=-1).squeeze(1)
+
+
 def _rmatvec(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
     """x^T B. us, vts [B, M, D]; x [B, D] -> [B, D] (one pass: baddbmm)."""
     return torch.baddbmm(x.unsqueeze(1), _coefficients(x, us), vts, beta=-1).squeeze(1)
@@ -36,16 +41,12 @@ class BroydenSolver(FixedPointSolver):
     """Per-sample limited-memory Broyden; see :class:`FixedPointSolver` for the API."""
 
     def _init_memory(self, state: SolverState) -> dict[str, Any]:
-        b, d = state.z.shape
-        m = self.config.memory
-
         # Uninitialised: only the first ``count`` slots are ever read (``_used``), and each is
         # written before the count reaches it; zero-filling 2 x [B, M, D] cost 5-10 ms a solve
         # on `tiny` at batch 64.
-        def buffer() -> Tensor:
-            return torch.empty(b, m, d, device=state.z.device, dtype=state.z.dtype)
-
-        return {"us": buffer(), "vts": buffer(), "count": 0}
+        b, d = state.z.shape
+        shape = (b, self.config.memory, d)
+        return {"us": state.z.new_empty(shape), "vts": state.z.new_empty(shape), "count": 0}
 
     def _used(self, state: SolverState) -> tuple[Tensor, Tensor]:
         """The filled slots only (the buffer fills up during the first ``memory`` steps)."""
@@ -60,7 +61,7 @@ class BroydenSolver(FixedPointSolver):
             return state.fz
         g = state.fz - state.z
         us, vts = self._used(state)
-        return torch.baddbmm(state.fz.unsqueeze(1), _coefficients(g, vts), us, alpha=-1).squeeze(1)
+        return _minus_low_rank(state.fz, us, vts, g)
 
     def _observe(self, state: SolverState, z_new: Tensor, fz_new: Tensor, moved: Tensor) -> None:
         # The "good" update with dz = z_new - z and dg = g(z_new) - g(z) = df - dz, where
@@ -78,8 +79,7 @@ class BroydenSolver(FixedPointSolver):
         dg = df - dz
         vt = _rmatvec(us, vts, dz)
         denom = torch.bmm(vt.unsqueeze(1), dg.unsqueeze(2)).squeeze(2)  # [B, 1]
-        u = torch.baddbmm(df.unsqueeze(1), _coefficients(dg, vts), us, alpha=-1).squeeze(1)
-        u = u.div_(denom)
+        u = _minus_low_rank(df, us, vts, dg).div_(denom)
         ok = (denom.abs() > 1e-30) & torch.isfinite(denom) & moved[:, None]
         if not bool(ok.all()):  # usually every row updates: skip two passes over [B, D]
             u = torch.where(ok, u, torch.zeros_like(u))
