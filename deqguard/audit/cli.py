@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         "--defense",
         default="paper",
         help=f"preset ({', '.join(list_presets())}) or JSON of DefenseParams fields, optionally"
-        " with `preset` as the base (default off)",
+        " with `preset` as the base (default paper)",
     )
     p.add_argument("--suite", default="quick", choices=SUITES)
     p.add_argument("-n", type=int, default=1000, help="first n test images (official order)")
@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         "--bpda-targets", type=int, default=3, help="target classes of quick's BPDA APGD-T"
     )
     p.add_argument("--adaptive-restarts", type=int, default=3, help="APGD-CE restarts (adaptive)")
+    p.add_argument(
+        "--adaptive-pgd-steps",
+        type=int,
+        default=50,
+        help="steps of the PGD through the defense, BPDA and exact (adaptive; 0: not run)",
+    )
+    p.add_argument(
+        "--adaptive-pgd-restarts", type=int, default=5, help="restarts of that PGD (adaptive)"
+    )
     p.add_argument(
         "--sanity-images",
         type=int,
@@ -117,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             apgd_targets=args.apgd_targets,
             bpda_targets=args.bpda_targets,
             adaptive_restarts=args.adaptive_restarts,
+            adaptive_pgd_steps=args.adaptive_pgd_steps,
+            adaptive_pgd_restarts=args.adaptive_pgd_restarts,
             sanity_images=args.sanity_images,
             grid=args.grid,
             autoattack=not args.no_autoattack,

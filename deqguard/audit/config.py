@@ -34,7 +34,9 @@ Suites and budgets (defaults; eps 8/255 l_inf; "APGD" is pyautoattack 0.2.0's re
 - ``adaptive``: the undefended ``apgd-ce`` (``adaptive_restarts`` = 3 restarts) and ``apgd-t``
   (top ``apgd_targets`` targets) as transfer attacks; with the defense on, APGD-CE (3 restarts)
   and APGD-T (top 3 targets, one random start each) through the defense with BPDA and with the
-  exact derivative, every iterate judged by the defended prediction; ``square-defended``: Square
+  exact derivative, and ``bpda-pgd`` / ``exact-pgd``: PGD-``adaptive_pgd_steps`` = 50 (2/255)
+  with ``adaptive_pgd_restarts`` = 5 restarts through the defense (0 steps: not run), every
+  iterate of each judged by the defended prediction; ``square-defended``: Square
   on the served pipeline end to end, ``square_queries`` = 5000 queries; and a PGD transfer
   attack from another store entry when ``transfer_from`` is set.
 
@@ -173,6 +175,8 @@ class AuditConfig:
         apgd_iters, apgd_targets: APGD budget (100 iterations; APGD-T on the top 3 targets).
         bpda_targets: APGD-T target classes of ``quick``'s BPDA attack through the defense.
         adaptive_restarts: APGD-CE restarts in ``adaptive``.
+        adaptive_pgd_steps, adaptive_pgd_restarts: the PGD through the defense (BPDA and exact)
+            in ``adaptive`` (50 steps of ``pgd_step_size``, 5 restarts; 0 steps: not run).
         sanity_images: the sanity checks run on the attacked images among the first
             ``sanity_images`` of the audit (0: not run, and the report says so).
         sanity_eps: the large radius whose accuracy must be near 0 (32/255).
@@ -206,6 +210,8 @@ class AuditConfig:
     apgd_targets: int = 3
     bpda_targets: int = 3
     adaptive_restarts: int = 3
+    adaptive_pgd_steps: int = 50
+    adaptive_pgd_restarts: int = 5
     sanity_images: int = 32
     sanity_eps: float = 32 / 255
     grid: str = "full"
@@ -241,10 +247,11 @@ class AuditConfig:
             "apgd_targets",
             "bpda_targets",
             "adaptive_restarts",
+            "adaptive_pgd_restarts",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pgd_steps", "sanity_images"):
+        for name in ("pgd_steps", "sanity_images", "adaptive_pgd_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("eps", "pgd_step_size", "sanity_eps"):
@@ -318,6 +325,18 @@ def build_suite(cfg: AuditConfig) -> list[AttackPlan]:
             plans += [
                 AttackPlan(f"{grad}-apgd-ce", "apgd-ce", None, grad, it, r),  # type: ignore[arg-type]
                 AttackPlan(f"{grad}-apgd-t", "apgd-t", None, grad, it, 1, tg),  # type: ignore[arg-type]
+            ]
+        if cfg.adaptive_pgd_steps:
+            plans += [
+                AttackPlan(
+                    f"{grad}-pgd",
+                    "pgd",
+                    None,
+                    grad,  # type: ignore[arg-type]
+                    cfg.adaptive_pgd_steps,
+                    cfg.adaptive_pgd_restarts,
+                )
+                for grad in ("bpda", "exact")
             ]
     plans.append(AttackPlan("square-defended", "square", None, "none", cfg.square_queries))
     if cfg.transfer_from:

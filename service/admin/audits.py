@@ -57,7 +57,7 @@ OPTION_FIELDS = (
     "pgd_steps", "pgd_step_size", "pgd_restarts", "eps", "grid", "autoattack", "aa_version",
     "aa_attacks", "aa_apgd_iters", "square_queries", "adaptive_ka", "transfer_from",
     "pgd_every_iterate", "apgd_iters", "apgd_targets", "bpda_targets", "adaptive_restarts",
-    "sanity_images",
+    "adaptive_pgd_steps", "adaptive_pgd_restarts", "sanity_images",
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 
@@ -69,6 +69,8 @@ AUDIT_BUDGETS: dict[str, tuple[type, float, float]] = {
     "apgd_targets": (int, 1, 9),
     "bpda_targets": (int, 1, 9),
     "adaptive_restarts": (int, 1, 100),
+    "adaptive_pgd_steps": (int, 0, 1_000),
+    "adaptive_pgd_restarts": (int, 1, 100),
     "aa_apgd_iters": (int, 1, 1_000),
     "square_queries": (int, 1, 10_000),
     "adaptive_ka": (int, 1, 100),

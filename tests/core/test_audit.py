@@ -97,7 +97,8 @@ UNDEFENDED_APGD = {("apgd-ce", "undefended"), ("apgd-t", "undefended")}
 def test_suites_contain_the_attacks_that_matter() -> None:
     """By (kind, gradient): quick = PGD + APGD-CE + APGD-T on the undefended served prediction,
     plus BPDA APGD-T through the defense when it is on; paper = the 144-attack grid +
-    AutoAttack; adaptive = the undefended APGD (transfer), BPDA and exact APGD-CE/T, Square."""
+    AutoAttack; adaptive = the undefended APGD (transfer), BPDA and exact APGD-CE/T and PGD-50
+    with 5 restarts, Square."""
     assert _kinds("quick", "off") == {("pgd", "undefended")} | UNDEFENDED_APGD
     assert _kinds("quick", "paper") == {("pgd", "undefended"), ("apgd-t", "bpda")} | UNDEFENDED_APGD
     quick = build_suite(AuditConfig(model="t", suite="quick", defense="paper"))
@@ -110,12 +111,19 @@ def test_suites_contain_the_attacks_that_matter() -> None:
     assert {p.select for p in quick if p.grad == "undefended"} == {"undefended"}
     paper = build_suite(AuditConfig(model="t", suite="paper"))
     assert [p.kind for p in paper].count("pgd") == 144 and paper[-1].kind == "autoattack"
-    through = {(k, g) for k in ("apgd-ce", "apgd-t") for g in ("bpda", "exact")}
+    through = {(k, g) for k in ("apgd-ce", "apgd-t", "pgd") for g in ("bpda", "exact")}
     assert _kinds("adaptive", "paper") == UNDEFENDED_APGD | through | {("square", "none")}
+    no_pgd = _kinds("adaptive", "paper", adaptive_pgd_steps=0)
+    assert no_pgd == UNDEFENDED_APGD | through - {("pgd", "bpda"), ("pgd", "exact")} | {
+        ("square", "none")
+    }
     assert _kinds("adaptive", "off") == UNDEFENDED_APGD | {("square", "none")}
     adaptive = build_suite(AuditConfig(model="t", suite="adaptive", defense="paper"))
     assert all(p.restarts >= 3 for p in adaptive if p.kind == "apgd-ce")
     assert all(p.targets >= 3 for p in adaptive if p.kind == "apgd-t")
+    assert {(p.iters, p.restarts, p.select) for p in adaptive if p.kind == "pgd"} == {
+        (50, 5, "defended")
+    }
     assert ("pgd", "source-model") in _kinds("adaptive", "paper", transfer_from="other")
 
 
@@ -408,10 +416,21 @@ def test_sharding_covers_every_batch_once(model, data) -> None:
 
 def test_adaptive_suite_report_plots_and_summary(model, data, tmp_path) -> None:
     x, y = data
-    cfg = _cfg(suite="adaptive", n=2, square_queries=2, adaptive_ka=1, attack_misclassified=True)
+    cfg = _cfg(
+        suite="adaptive",
+        n=2,
+        square_queries=2,
+        adaptive_ka=1,
+        adaptive_pgd_steps=2,
+        adaptive_pgd_restarts=2,
+        attack_misclassified=True,
+    )
     report = AuditRunner(cfg, model=model, images=x, labels=y).run()
     validate_report(report)
-    assert len(report["attacks"]) == 7
+    assert len(report["attacks"]) == 9
+    assert {a["budget"] for a in report["attacks"] if a["name"].endswith("-pgd")} == {
+        "PGD-2, 2 restart(s), best iterate per sample"
+    }
     assert len(report["attacks"][0]["state_deviation"]) == 2
     assert any("Square with 2 queries" in n for n in report["notes"])
     plots = write_plots(report, tmp_path)
