@@ -18,6 +18,11 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "main", "train a model (clean, PGD-AT, TRADES) into the model store"),
     "audit": ("deqguard.audit.cli", "main", "audit a model and defense against attacks"),
+    "audit-table": (
+        "deqguard.audit.ablation",
+        "main",
+        "combine audits per sample into an ablation table (Markdown, JSON)",
+    ),
     "serve": ("service.cli", "main", "start the HTTP inference service"),
     "bench": ("deqguard.bench", "main", "run the throughput and memory benchmarks"),
 }
