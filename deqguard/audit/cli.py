@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also attack images the defended model gets wrong (default: skip, as AutoAttack does)",
     )
+    p.add_argument(
+        "--attacks",
+        default="",
+        help="comma-separated names: run only these attacks of the suite (each with the seed it"
+        " has in the whole suite; non-standard alone, combine with `deqguard audit-table`)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
@@ -126,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             apgd_targets=args.apgd_targets,
             bpda_targets=args.bpda_targets,
             adaptive_restarts=args.adaptive_restarts,
+            attacks=tuple(a for a in args.attacks.split(",") if a),
             adaptive_pgd_steps=args.adaptive_pgd_steps,
             adaptive_pgd_restarts=args.adaptive_pgd_restarts,
             sanity_images=args.sanity_images,

@@ -52,7 +52,7 @@ from deqguard.attacks import (
     square_attack,
 )
 from deqguard.attacks.surrogates import DefenseGrad
-from deqguard.audit.config import AttackPlan, AuditConfig, build_suite
+from deqguard.audit.config import AttackPlan, AuditConfig, build_suite, full_suite
 from deqguard.audit.gate import DeviceGate, gate_model
 from deqguard.audit.report import build_report
 from deqguard.audit.store import AuditStore, StateFile
@@ -125,6 +125,8 @@ class AuditRunner:
             root = cfg.store_root or default_store_root()
             self.transfer_model = load_entry(root, cfg.transfer_from, cfg.device).model
         self.plans: list[AttackPlan] = build_suite(cfg)
+        # each attack's seed is its place in the whole suite, so a subset reproduces it
+        self._seed_index = {p.name: i for i, p in enumerate(full_suite(cfg))}
 
     # ------------------------------------------------------------------ structure
     @property
@@ -342,7 +344,8 @@ class AuditRunner:
                 raise AuditCancelled(f"cancelled during batch {index}")
             t0 = time.perf_counter()
             if idx_list:
-                x_adv = self._attack(plan, a, index, xs, ys, strongest)
+                seed_a = self._seed_index.get(plan.name, a)
+                x_adv = self._attack(plan, seed_a, index, xs, ys, strongest)
                 if (x_adv - xs).abs().max() > self.config.eps + 1e-6:  # never report invalid
                     raise RuntimeError(f"{plan.name} left the eps-ball")
                 sub = self._record(x_adv, ys, zc)
@@ -448,9 +451,14 @@ class AuditRunner:
         cfg = self.config
         kinds = {p.kind for p in self.plans}
         out = []
-        full = build_suite(cfg)
+        full = full_suite(cfg)
         if [p.to_dict() for p in self.plans] != [p.to_dict() for p in full]:
-            out.append(f"only {len(self.plans)} of the suite's {len(full)} attacks were run")
+            ran = {p.name for p in self.plans}
+            left = [p.name for p in full if p.name not in ran]
+            out.append(
+                f"only {len(self.plans)} of the suite's {len(full)} attacks were run"
+                + (f" (left out: {', '.join(left)})" if left and len(left) <= 12 else "")
+            )
         if cfg.suite == "paper" and not cfg.autoattack:
             out.append("AutoAttack not run (--no-autoattack): the Eq. 11 grid alone")
         if cfg.suite == "paper" and cfg.grid != "full":

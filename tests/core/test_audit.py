@@ -530,3 +530,27 @@ def _rounded(value: object, digits: int = 4) -> object:
     if isinstance(value, list):
         return [_rounded(v, digits) for v in value]
     return value
+
+
+def test_a_subset_of_attacks_reproduces_the_whole_suites_outcomes(model, data) -> None:
+    """`attacks` runs only the named plans, each with its whole-suite seed: the same per-image
+    outcomes as in the whole suite, and the report says what was left out."""
+    x, y = data
+    kw = dict(
+        suite="adaptive",
+        attack_misclassified=True,
+        sanity_images=0,
+        adaptive_pgd_steps=1,
+        adaptive_pgd_restarts=1,
+        square_queries=1,
+    )
+    whole = AuditRunner(_cfg(**kw), model=model, images=x, labels=y)
+    part = AuditRunner(_cfg(**kw, attacks=("bpda-pgd",)), model=model, images=x, labels=y)
+    assert [p.name for p in part.plans] == ["bpda-pgd"]
+    full = whole.run_batch(0)["attacks"][[p.name for p in whole.plans].index("bpda-pgd")]
+    got = part.run_batch(0)["attacks"][0]
+    assert got["correct"] == full["correct"] and got["entropy"] == full["entropy"]
+    assert any("left out: apgd-ce, apgd-t, bpda-apgd-ce" in s for s in part.non_standard())
+    with pytest.raises(ValueError, match="not in this quick suite; its attacks: pgd-undefended"):
+        _cfg(attacks=("square-defended",))
+    assert AuditConfig.from_dict(_cfg(attacks=("apgd-t",)).to_dict()).attacks == ("apgd-t",)
