@@ -141,7 +141,9 @@ def test_deadline_passed_while_queued_is_504(
     tight_server: LiveServer, pngs: list[bytes], hold_file: Path
 ) -> None:
     """Two requests with a 100 ms deadline (query field, header) queue behind a held batch; the
-    device is released only after their deadlines have passed, so neither may compute."""
+    device is released only after both have been answered, so neither may compute. (Nothing
+    waits for both to be queued at once: on a slow machine the first may be dropped before the
+    second arrives; either way each must get its 504 while the device is still held.)"""
     url = tight_server.url
     before = _counter(url, "deqguard_images_total")
     late_before = _counter(url, "deqguard_rejections_total", reason="deadline_exceeded")
@@ -157,10 +159,9 @@ def test_deadline_passed_while_queued_is_504(
                     headers={"Content-Type": "image/png", "X-Deadline-Ms": "100"},
                 )
             )
-            await _until(lambda: _readyz(url)["queue_depth"] == 2, "two queued images")
-            await asyncio.sleep(0.3)  # past their deadlines (the device is held meanwhile)
+            late = await by_field, await by_header  # answered while the device is held
             hold_file.unlink()
-            return await blocker, await by_field, await by_header
+            return await blocker, *late
 
     blocker, late, late2 = asyncio.run(run())
     assert blocker.status_code == 200
