@@ -16,12 +16,16 @@
                                            # one input-gradient step of the defense (served form,
                                            # batch 64, random weights): float32 vs bf16 autocast,
                                            # and how many gradient signs agree
+    python benchmarks/probe_f.py groupnorm # GroupNorm + ReLU forward and backward at f's shapes,
+                                           # batch 64, 1 thread: NCHW vs channels-last vs
+                                           # channels-last through an NCHW copy
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -252,8 +256,99 @@ def gradstep_probe() -> None:
         print(f"{name}: grad step float32 {f32:.1f} ms, bf16 autocast {b16:.1f} ms (wall)")
 
 
+class _GroupNormViaNCHW(torch.autograd.Function):
+    """GroupNorm of a channels-last x computed by the NCHW kernels (copies in and out)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, groups, eps):  # type: ignore[override]
+        n, c, h, wd = x.shape
+        xc = x.contiguous()
+        y, mean, rstd = torch.native_group_norm(xc, w, b, n, c, h * wd, groups, eps)
+        ctx.save_for_backward(xc, w, mean, rstd)
+        ctx.groups = groups
+        return y.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        xc, w, mean, rstd = ctx.saved_tensors
+        n, c, h, wd = xc.shape
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous(), xc, mean, rstd, w, n, c, h * wd, ctx.groups, [True, True, True]
+        )
+        return gx.contiguous(memory_format=torch.channels_last), gw, gb, None, None
+
+
+def _group_norm_by_sums(x: torch.Tensor, gn: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of a channels-last x [B, C, H, W] from per-channel sums over the dense
+    [B, H*W, C] view (E[x^2] - E[x]^2: a candidate forward, not used by the model)."""
+    b, c, h, w = x.shape
+    g = gn.num_groups
+    v = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    n = h * w * (c // g)
+    mean = v.sum(1).view(b, g, -1).sum(2) / n
+    sq = (v * v).sum(1).view(b, g, -1).sum(2) / n
+    rstd = (sq - mean * mean + gn.eps).rsqrt()
+    scale = rstd.repeat_interleave(c // g, dim=1) * gn.weight
+    shift = gn.bias - mean.repeat_interleave(c // g, dim=1) * scale
+    y = torch.addcmul(shift[:, None, :], v, scale[:, None, :])
+    return y.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def groupnorm_probe() -> None:
+    torch.set_num_threads(1)
+    cl = torch.channels_last
+
+    def cpu_ms(fn, n: int = 10) -> float:
+        for _ in range(2):
+            fn()
+        t = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - t) / n * 1000
+
+    for c, r in ((24, 32), (24, 16), (32, 16), (48, 16), (64, 8), (120, 32)):
+        gn = torch.nn.GroupNorm(8 if c % 8 == 0 else 4, c)
+        xs = torch.randn(64, c, r, r).contiguous(memory_format=cl)
+        with torch.no_grad():
+            err = (_group_norm_by_sums(xs, gn) - gn(xs)).abs().max().item()
+            native = cpu_ms(functools.partial(gn, xs))
+            by_sums = cpu_ms(functools.partial(_group_norm_by_sums, xs, gn))
+        print(
+            f"[64, {c}, {r}, {r}] channels-last forward: native {native:.2f} ms,"
+            f" by sums {by_sums:.2f} ms (max diff {err:.1e})"
+        )
+        gy = torch.randn(64, c, r, r)
+        for name, fmt in (("NCHW", torch.contiguous_format), ("channels-last", cl)):
+            x = torch.randn(64, c, r, r).contiguous(memory_format=fmt).requires_grad_(True)
+            g = gy.contiguous(memory_format=fmt)
+
+            def fwd(x: torch.Tensor = x, gn: torch.nn.GroupNorm = gn) -> None:
+                with torch.no_grad():
+                    torch.relu_(gn(x))
+
+            def both(x: torch.Tensor = x, g: torch.Tensor = g, gn: torch.nn.GroupNorm = gn) -> None:
+                torch.autograd.grad(torch.relu(gn(x)), (x, gn.weight), g)
+
+            print(
+                f"[64, {c}, {r}, {r}] {name}: forward {cpu_ms(fwd):.2f} ms, forward + backward"
+                f" {cpu_ms(both):.2f} ms"
+            )
+        x = torch.randn(64, c, r, r).contiguous(memory_format=cl).requires_grad_(True)
+        g = gy.contiguous(memory_format=cl)
+
+        def via(x: torch.Tensor = x, g: torch.Tensor = g, gn: torch.nn.GroupNorm = gn) -> None:
+            y = _GroupNormViaNCHW.apply(x, gn.weight, gn.bias, gn.num_groups, gn.eps)
+            torch.autograd.grad(torch.relu(y), (x, gn.weight), g)
+
+        print(
+            f"[64, {c}, {r}, {r}] channels-last via NCHW copies: forward + backward"
+            f" {cpu_ms(via):.2f} ms"
+        )
+
+
 if __name__ == "__main__":
     {
+        "groupnorm": groupnorm_probe,
         "gradstep": gradstep_probe,
         "broyden": broyden_probe,
         "compile": compile_probe,
