@@ -24,14 +24,26 @@ REPO = Path(__file__).resolve().parents[1]
 __all__ = ["REPO", "LiveServer", "free_port", "http"]
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server if the test process dies, so no server outlives a killed run."""
-    try:
-        import ctypes
+# Linux: the server SIGTERMs itself if the test process dies (PR_SET_PDEATHSIG, kept across
+# exec), so no server outlives a killed run. Set by a launcher in the child, not by a
+# ``preexec_fn``: a preexec_fn makes subprocess fork() the test process and run its atfork
+# handlers, and after the gRPC tests the test process has gRPC threads whose fork handler
+# aborted the child before exec (exit -6, "epoll_wait error: Bad file descriptor"); without one,
+# CPython starts the child with vfork and no handlers run.
+_LAUNCH_WITH_PDEATHSIG = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def _with_pdeathsig(argv: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _LAUNCH_WITH_PDEATHSIG, *argv]
 
 
 class _Http:
@@ -105,12 +117,11 @@ class LiveServer:
     def start(self, timeout: float = 300.0) -> LiveServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv,
+                _with_pdeathsig(list(self.argv)),
                 env=self.env,
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
