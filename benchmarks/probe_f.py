@@ -37,13 +37,13 @@ import torch  # noqa: E402
 from deqguard.dynamics import cached_weights  # noqa: E402
 
 
-def _ms(fn, n: int = 20) -> float:
-    for _ in range(3):
+def _ms(fn, n: int = 20, clock=time.perf_counter, warmup: int = 3) -> float:
+    for _ in range(warmup):
         fn()
-    t = time.perf_counter()
+    t = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t) / n * 1000
+    return (clock() - t) / n * 1000
 
 
 def compile_probe() -> None:
@@ -298,13 +298,8 @@ def groupnorm_probe() -> None:
     torch.set_num_threads(1)
     cl = torch.channels_last
 
-    def cpu_ms(fn, n: int = 10) -> float:
-        for _ in range(2):
-            fn()
-        t = time.process_time()
-        for _ in range(n):
-            fn()
-        return (time.process_time() - t) / n * 1000
+    def cpu_ms(fn) -> float:
+        return _ms(fn, 10, clock=time.process_time, warmup=2)
 
     for c, r in ((24, 32), (24, 16), (32, 16), (48, 16), (64, 8), (120, 32)):
         gn = torch.nn.GroupNorm(8 if c % 8 == 0 else 4, c)

@@ -47,7 +47,7 @@ __all__ = [
     "AuditRecords",
     "Cell",
     "build_row",
-    "column_of",
+    "columns_of",
     "load_audit",
     "markdown_table",
     "main",
@@ -63,6 +63,7 @@ _HEADERS = {
     "worst": "per-sample worst case (95% CI)",
 }
 _ADAPTIVE_GRADS = ("bpda", "exact", "none", "source-model")
+_SINGLE_ATTACK = ("pgd10", "intermediate", "adaptive")  # a column of its strongest attack
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,6 @@ class AuditRecords:
 
     path: Path
     model_sha256: str
-    model_ref: str
     defense: dict[str, Any]
     steps: int
     labels: Tensor
@@ -142,7 +142,6 @@ def load_audit(path: str | Path, allow_partial: bool = False) -> AuditRecords:
     return AuditRecords(
         path=path,
         model_sha256=str(model.get("sha256", "")),
-        model_ref=str(model.get("ref", cfg.get("model", ""))),
         defense=dict(cfg.get("defense_params") or {}),
         steps=int(cfg["steps"]),
         labels=labels,
@@ -151,23 +150,20 @@ def load_audit(path: str | Path, allow_partial: bool = False) -> AuditRecords:
     )
 
 
-def column_of(attack: AttackOutcome, steps: int) -> str | None:
-    """The single-attack column an attack belongs to besides ``worst`` (None: only ``worst``).
-
-    ``pgd10`` also counts toward ``intermediate`` when its surrogate is an Eq. 11 one
-    (see :func:`build_row`)."""
+def columns_of(attack: AttackOutcome, steps: int) -> tuple[str, ...]:
+    """The single-attack columns an attack counts in besides ``worst`` (PGD-10 on an Eq. 11
+    surrogate at z[N] is also an intermediate-state attack)."""
     if attack.grad in _ADAPTIVE_GRADS:
-        return "adaptive"
+        return ("adaptive",)
     if attack.kind in ("autoattack", "apgd-ce", "apgd-t"):
-        return "autoattack"
-    if attack.kind == "pgd" and attack.grad in ("undefended", "eq11"):
-        final = attack.grad == "undefended" or (
-            attack.spec is not None and IntermediateSpec.parse(attack.spec).i == steps
-        )
-        if final and attack.budget.startswith("PGD-10,"):
-            return "pgd10"
-        return "intermediate" if attack.grad == "eq11" else None
-    return None
+        return ("autoattack",)
+    if attack.kind != "pgd" or attack.grad not in ("undefended", "eq11"):
+        return ()
+    final = attack.grad == "undefended" or (
+        attack.spec is not None and IntermediateSpec.parse(attack.spec).i == steps
+    )
+    cols = ("pgd10",) if final and attack.budget.startswith("PGD-10,") else ()
+    return cols + (("intermediate",) if attack.grad == "eq11" else ())
 
 
 @dataclass(frozen=True)
@@ -268,13 +264,10 @@ def build_row(label: str, audits: Sequence[AuditRecords]) -> AblationRow:
     attacks = [o for a in audits for o in a.attacks]
     by_column: dict[str, list[AttackOutcome]] = {c: [] for c in COLUMNS}
     for o in attacks:
-        col = column_of(o, first.steps)
-        if col is not None:
+        for col in columns_of(o, first.steps):
             by_column[col].append(o)
-        if col == "pgd10" and o.grad == "eq11":  # an Eq. 11 attack at z[N] is one too
-            by_column["intermediate"].append(o)
     cells: dict[str, Cell] = {"clean": Cell(int(clean.sum()), n, "")}
-    for col in ("pgd10", "intermediate", "adaptive"):
+    for col in _SINGLE_ATTACK:
         cell = _strongest(by_column[col])
         if cell is not None:
             cells[col] = cell
@@ -319,12 +312,8 @@ def markdown_table(rows: Sequence[AblationRow]) -> str:
     lines = [head, "|---|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [
-            _pct(r.cells.get("clean"), with_attack=False),
-            _pct(r.cells.get("pgd10")),
-            _pct(r.cells.get("autoattack"), with_attack=False),
-            _pct(r.cells.get("intermediate")),
-            _pct(r.cells.get("adaptive")),
-            _pct(r.cells.get("worst"), with_ci=True, with_attack=False),
+            _pct(r.cells.get(c), with_ci=c == "worst", with_attack=c in _SINGLE_ATTACK)
+            for c in COLUMNS
         ]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     for r in rows:
