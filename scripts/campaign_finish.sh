@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Issue 14, after both campaign runs have finished (state.json says "finished": true): export the
-# validation-selected weights as version 2 of the two shipped names, draw the curves, then run
-# the audits of items 5 and 6 for both models side by side (one one-thread chain per model).
+# Issue 14, the end of the campaign: for every campaign run that has finished (state.json says
+# "finished": true), export its validation-selected weights as version 2 of its shipped name,
+# then run its audits (items 5 and 6) from one queue shared by WORKERS one-thread workers. A
+# model's audits start as soon as its own run has finished, so while the other run still
+# trains, one worker audits beside it (WORKERS=1) and the two cores stay busy.
 #
 # Every step is resumable and idempotent: an exported model is not exported again, and each
 # audit resumes from its directory's state.json (a finished one only rewrites its report). So
 # every session runs the same command first thing, in the background, and commits
-# docs/audits/ before it ends:
+# docs/audits/ and model_store/ before it ends:
 #
-#     nohup scripts/campaign_finish.sh > /tmp/campaign_finish.log 2>&1 &
+#     WORKERS=1 nohup scripts/campaign_finish.sh > /tmp/campaign_finish.log 2>&1 &  # one run still trains
+#     nohup scripts/campaign_finish.sh > /tmp/campaign_finish.log 2>&1 &            # both finished
 #
-# Budgets (item 6; what each directory holds), in the order they run, so that the ablation
-# table's columns fill early:
+# Budgets (item 6; what each directory holds), in queue order (stage by stage, the models
+# interleaved), so that the ablation table's columns fill early:
 #   <m>@2-off-quick9-1000        undefended served prediction: PGD-10, APGD-CE, APGD-T 9 targets
 #                                (item 5's target check)
 #   <m>@2-paper-quick-1000       the paper defense: the same as transfer + BPDA APGD-T
@@ -25,34 +28,47 @@
 # adaptive and Square audits run on the first 200 images by default: at the per-image costs of
 # the committed audits (docs/TRAINING.md) they are 5-25 core-hours per model on 1,000.
 #
-# Environment: PY (default .venv/bin/python), N (images of the first three, 1000), N_PAPER,
-# N_ADAPTIVE, N_SQUARE (200 each), ONLY (one model name: run only its chain).
+# A worker claims an audit with flock on $LOCKS/<audit>.lock (so two workers, or a second copy
+# of this script, never run the same one) and logs to /tmp/campaign_finish-<audit>.log.
+#
+# Environment: PY (default .venv/bin/python), WORKERS (2), N (images of the first three, 1000),
+# N_PAPER, N_ADAPTIVE, N_SQUARE (200 each), ONLY (one model name: only its audits),
+# LOCKS (/tmp/deqguard-campaign-locks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+WORKERS=${WORKERS:-2}
 N=${N:-1000}
 N_PAPER=${N_PAPER:-200}
 N_ADAPTIVE=${N_ADAPTIVE:-200}
 N_SQUARE=${N_SQUARE:-200}
+LOCKS=${LOCKS:-/tmp/deqguard-campaign-locks}
 export OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-$PWD}
-MODELS=(micro-trades micro-trades-ri)
-[ -n "${ONLY:-}" ] && MODELS=("$ONLY")
+ALL=(micro-trades micro-trades-ri)
+[ -n "${ONLY:-}" ] && ALL=("$ONLY")
+mkdir -p "$LOCKS"
 
 json_field() { # file, python expression over `d`
     "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1"
 }
 
-for m in "${MODELS[@]}"; do
+MODELS=()
+for m in "${ALL[@]}"; do
     state=training/state/campaign-$m/state.json
-    if [ ! -f "$state" ] || [ "$(json_field "$state" 'bool(d.get("finished"))')" != True ]; then
-        echo "campaign-$m has not finished ($state): train it first" >&2
-        exit 2
+    if [ -f "$state" ] && [ "$(json_field "$state" 'bool(d.get("finished"))')" = True ]; then
+        MODELS+=("$m")
+    else
+        echo "campaign-$m has not finished ($state): its audits wait" >&2
     fi
 done
+if [ ${#MODELS[@]} -eq 0 ]; then
+    echo "no campaign run has finished: train first (docs/TRAINING.md)" >&2
+    exit 2
+fi
 
 for m in "${MODELS[@]}"; do
     if [ "$(json_field "model_store/$m/manifest.json" 'd["version"]')" != 2 ]; then
-        echo "== export $m@2"
+        echo "== $(date -u +%FT%TZ) export $m@2"
         "$PY" -m training.evaluate --run "training/state/campaign-$m" --store model_store \
             --name "$m" --version 2 --weights best --n-test "$N" --threads 1 --batch-size 100
     fi
@@ -60,28 +76,53 @@ done
 "$PY" -m training.curves training/state/campaign-micro-trades training/state/campaign-micro-trades-ri \
     --out docs/training-curves.png
 
-audit() { # out-dir, then deqguard audit's arguments
-    local out=$1
-    shift
-    echo "== $(date -u +%FT%TZ) $out"
-    "$PY" -m deqguard.cli audit "$@" --batch-size 64 --out "$out"
+# one line per audit: its directory name, then deqguard audit's arguments after the model
+stage() { # stage number, model -> the line of that stage
+    local m=$2 d=$2@2
+    case $1 in
+    1) echo "$d-off-quick9-$N --defense off --suite quick --apgd-targets 9 -n $N" ;;
+    2) echo "$d-paper-quick-$N --defense paper --suite quick -n $N" ;;
+    3) echo "$d-off-paper-$N --defense off --suite paper -n $N" ;;
+    4) echo "$d-paper-paper-$N_PAPER --defense paper --suite paper -n $N_PAPER" ;;
+    5) echo "$d-paper-adaptive-$N_ADAPTIVE --defense paper --suite adaptive -n $N_ADAPTIVE" \
+        "--attacks apgd-ce,apgd-t,bpda-apgd-ce,bpda-apgd-t,exact-apgd-ce,exact-apgd-t,bpda-pgd,exact-pgd" ;;
+    6) echo "$d-paper-square-$N_SQUARE --defense paper --suite adaptive -n $N_SQUARE" \
+        "--attacks square-defended --square-queries 1000" ;;
+    esac
 }
+JOBS=()
+for s in 1 2 3 4 5 6; do
+    for m in "${MODELS[@]}"; do JOBS+=("$m $(stage "$s" "$m")"); done
+done
 
-chain() {
-    local m=$1 d=docs/audits/$1@2
-    audit "$d-off-quick9-$N" "$m@2" --defense off --suite quick --apgd-targets 9 -n "$N"
-    audit "$d-paper-quick-$N" "$m@2" --defense paper --suite quick -n "$N"
-    audit "$d-off-paper-$N" "$m@2" --defense off --suite paper -n "$N"
-    audit "$d-paper-paper-$N_PAPER" "$m@2" --defense paper --suite paper -n "$N_PAPER"
-    audit "$d-paper-adaptive-$N_ADAPTIVE" "$m@2" --defense paper --suite adaptive -n "$N_ADAPTIVE" \
-        --attacks apgd-ce,apgd-t,bpda-apgd-ce,bpda-apgd-t,exact-apgd-ce,exact-apgd-t,bpda-pgd,exact-pgd
-    audit "$d-paper-square-$N_SQUARE" "$m@2" --defense paper --suite adaptive -n "$N_SQUARE" \
-        --attacks square-defended --square-queries 1000
+worker() { # worker number: runs every job it can claim, in queue order
+    local job m name lock status=0
+    for job in "${JOBS[@]}"; do
+        read -r m name args <<< "$job"
+        lock=$LOCKS/$name.lock
+        [ -e "$LOCKS/$name.done" ] && continue
+        exec {fd}> "$lock"
+        if ! flock -n "$fd" || [ -e "$LOCKS/$name.done" ]; then # taken, or just finished
+            exec {fd}>&-
+            continue
+        fi
+        echo "== $(date -u +%FT%TZ) worker $1: $name"
+        # shellcheck disable=SC2086  # args is a word list by construction
+        if "$PY" -m deqguard.cli audit "$m@2" $args --batch-size 64 --out "docs/audits/$name" \
+            > "/tmp/campaign_finish-$name.log" 2>&1; then
+            touch "$LOCKS/$name.done"
+        else
+            status=$?
+            echo "== $(date -u +%FT%TZ) worker $1: $name failed (exit $status)" >&2
+        fi
+        exec {fd}>&-
+    done
+    return $status
 }
 
 pids=()
-for m in "${MODELS[@]}"; do
-    chain "$m" > "/tmp/campaign_finish-$m.log" 2>&1 &
+for w in $(seq 1 "$WORKERS"); do
+    worker "$w" &
     pids+=($!)
 done
 status=0

@@ -1,0 +1,104 @@
+"""scripts/campaign_finish.sh's queue, run against a stand-in Python that records its calls.
+
+Why: the script drives days of audits across sessions; a queue that runs an audit twice or
+starts the audits of a run that is still training wastes a session, and none of that shows
+until the campaign ends. The stand-in answers the script's JSON look-ups with the real
+interpreter and logs every ``-m`` call instead of running it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "campaign_finish.sh"
+MODELS = ("micro-trades", "micro-trades-ri")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("flock") is None, reason="needs bash and flock"
+)
+
+
+def _tree(tmp: Path, finished: dict[str, bool], version: int = 1) -> Path:
+    (tmp / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPT, tmp / "scripts" / SCRIPT.name)
+    for m in MODELS:
+        state = tmp / "training" / "state" / f"campaign-{m}"
+        state.mkdir(parents=True)
+        (state / "state.json").write_text(json.dumps({"finished": finished[m]}))
+        store = tmp / "model_store" / m
+        store.mkdir(parents=True)
+        (store / "manifest.json").write_text(json.dumps({"version": version}))
+    fake = tmp / "fakepy"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+        f'echo "$*" >> {tmp}/calls.log\n'
+        "sleep 0.05\n"
+    )
+    fake.chmod(0o755)
+    return tmp
+
+
+def _run(tree: Path, workers: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    env = dict(os.environ, PY=str(tree / "fakepy"), LOCKS=str(tree / "locks"))
+    env["WORKERS"] = str(workers)
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / SCRIPT.name)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = tree / "calls.log"
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def _audit_dirs(calls: list[str]) -> list[str]:
+    return [c.split("--out ")[1].split()[0] for c in calls if c.startswith("-m deqguard.cli audit")]
+
+
+def test_two_workers_run_every_audit_of_both_models_once(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {m: True for m in MODELS})
+    proc, calls = _run(tree, workers=2)
+    assert proc.returncode == 0, proc.stderr
+    dirs = _audit_dirs(calls)
+    assert len(dirs) == 12 and len(set(dirs)) == 12  # six stages x two models, none twice
+    assert {d.split("/")[-1].split("@")[0] for d in dirs} == set(MODELS)
+    assert sum("training.evaluate" in c for c in calls) == 2  # both exported as @2
+
+
+def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {"micro-trades": False, "micro-trades-ri": True})
+    proc, calls = _run(tree, workers=1)
+    assert proc.returncode == 0, proc.stderr
+    assert "campaign-micro-trades has not finished" in proc.stderr
+    dirs = _audit_dirs(calls)
+    assert len(dirs) == 6 and all("/micro-trades-ri@2-" in d for d in dirs)
+    exports = [c for c in calls if "training.evaluate" in c]
+    assert len(exports) == 1 and "--name micro-trades-ri" in exports[0]
+    # the first stage is item 5's target check on 1,000 images
+    assert dirs[0].endswith("micro-trades-ri@2-off-quick9-1000")
+
+
+def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {m: False for m in MODELS})
+    proc, calls = _run(tree, workers=2)
+    assert proc.returncode == 2
+    assert "no campaign run has finished" in proc.stderr
+    assert calls == []
+
+
+def test_an_exported_model_is_not_exported_again(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {m: True for m in MODELS}, version=2)
+    proc, calls = _run(tree, workers=2)
+    assert proc.returncode == 0, proc.stderr
+    assert not any("training.evaluate" in c for c in calls)
+    assert len(_audit_dirs(calls)) == 12
