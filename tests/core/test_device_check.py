@@ -1,0 +1,78 @@
+"""benchmarks/device_check.py, dry-run on the CPU: the GPU check must not rot between the
+sessions that are lent a GPU (it runs there once, in a few minutes, with no second chance)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from deqguard.data import load_test
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(
+        "device_check", ROOT / "benchmarks" / "device_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
+    split = load_test(n=16)
+    npz = tmp_path / "test16.npz"
+    np.savez(npz, images=split.images.numpy(), labels=split.labels.numpy())
+    rc = _module().main(
+        [
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--small",
+            "--images",
+            str(npz),
+            "--sections",
+            "env,parity,bf16,speed",
+        ]
+    )
+    results = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    assert rc == 0, results
+    assert set(results) == {"env", "parity", "bf16", "speed"}
+    assert results["bf16"]["skipped"].startswith("bf16 autocast is checked on CUDA only")
+    for name in ("micro-trades-ri", "micro-trades"):
+        par = results["parity"][name]
+        # CPU against CPU: the same numbers, and Algorithm 1's schedule for `paper`
+        assert par["undefended_max_abs_logit_diff"] == 0.0
+        assert par["paper_decisions_agree"] == results["parity"]["images"]
+        assert par["paper_acted_steps_cuda"] == [2, 4, 6, 8]
+    speed = results["speed"]["micro-trades-ri_cpu_b8"]
+    assert speed["undefended_samples_per_s"] > 0 and speed["paper_samples_per_s"] > 0
+    assert "# Device check" in (tmp_path / "out" / "device_check.md").read_text()
+
+
+def test_a_failing_section_is_recorded_and_the_run_fails(tmp_path: Path) -> None:
+    split = load_test(n=4)
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, images=split.images.numpy()[:, :1], labels=split.labels.numpy())  # 1 channel
+    rc = _module().main(
+        [
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--small",
+            "--images",
+            str(npz),
+            "--sections",
+            "env,parity",
+        ]
+    )
+    results = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    assert rc == 1
+    assert "error" in results["parity"] and "env" in results and "error" not in results["env"]
