@@ -38,12 +38,12 @@ def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
             "--images",
             str(npz),
             "--sections",
-            "env,parity,bf16,speed",
+            "env,parity,bf16",
         ]
     )
     results = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert rc == 0, results
-    assert set(results) == {"env", "parity", "bf16", "speed"}
+    assert set(results) == {"env", "parity", "bf16"}
     assert results["bf16"]["skipped"].startswith("bf16 autocast is checked on CUDA only")
     for name in ("micro-trades-ri", "micro-trades"):
         par = results["parity"][name]
@@ -51,8 +51,6 @@ def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
         assert par["undefended_max_abs_logit_diff"] == 0.0
         assert par["paper_decisions_agree"] == results["parity"]["images"]
         assert par["paper_acted_steps_cuda"] == [2, 4, 6, 8]
-    speed = results["speed"]["micro-trades-ri_cpu_b8"]
-    assert speed["undefended_samples_per_s"] > 0 and speed["paper_samples_per_s"] > 0
     assert "# Device check" in (tmp_path / "out" / "device_check.md").read_text()
 
 
