@@ -66,6 +66,8 @@ if [ ${#MODELS[@]} -eq 0 ]; then
     exit 2
 fi
 
+exec {export_fd}> "$LOCKS/export.lock"
+flock "$export_fd" # two copies of this script (one per finished run) must not export at once
 for m in "${MODELS[@]}"; do
     if [ "$(json_field "model_store/$m/manifest.json" 'd["version"]')" != 2 ]; then
         echo "== $(date -u +%FT%TZ) export $m@2"
@@ -75,6 +77,7 @@ for m in "${MODELS[@]}"; do
 done
 "$PY" -m training.curves training/state/campaign-micro-trades training/state/campaign-micro-trades-ri \
     --out docs/training-curves.png
+exec {export_fd}>&-
 
 # one line per audit: its directory name, then deqguard audit's arguments after the model
 stage() { # stage number, model -> the line of that stage
