@@ -19,6 +19,12 @@
     python benchmarks/probe_f.py groupnorm # GroupNorm + ReLU forward and backward at f's shapes,
                                            # batch 64, 1 thread: NCHW vs channels-last vs
                                            # channels-last through an NCHW copy
+    python benchmarks/probe_f.py gnlayout  # GroupNorm forward at micro's shapes, batch 64, 1 thread:
+                                           # channels-last vs NCHW vs through a layout copy
+    python benchmarks/probe_f.py trainstep [retain]
+                                           # one campaign TRADES step (micro, batch 64, 1 thread):
+                                           # op profile, CPU s, minor faults (retain: with
+                                           # deqguard.cpu_memory's page reuse)
 
 Not a benchmark with a target: a measurement of where f's time goes, to choose optimisations.
 """
@@ -341,9 +347,66 @@ def groupnorm_probe() -> None:
         )
 
 
+def gnlayout_probe() -> None:
+    torch.set_num_threads(1)
+    cl = torch.channels_last
+
+    def cpu_ms(fn) -> float:
+        return min(_ms(fn, 40, clock=time.process_time, warmup=5) for _ in range(3))
+
+    with torch.no_grad():
+        for c, r, g in ((64, 16, 8), (32, 16, 8), (128, 8, 8), (64, 8, 8)):
+            gn = torch.nn.GroupNorm(g, c)
+            x = torch.randn(64, c, r, r).contiguous(memory_format=cl)
+            xn = x.contiguous()
+            native = cpu_ms(lambda gn=gn, x=x: gn(x))
+            via = cpu_ms(lambda gn=gn, x=x: gn(x.contiguous()).contiguous(memory_format=cl))
+            nchw = cpu_ms(lambda gn=gn, xn=xn: gn(xn))
+            copy = cpu_ms(lambda x=x: x.contiguous())
+            print(
+                f"[64, {c}, {r}, {r}] channels-last {native:.2f} ms, through NCHW {via:.2f},"
+                f" NCHW alone {nchw:.2f}, one layout copy {copy:.2f}"
+            )
+
+
+def trainstep_probe() -> None:
+    import resource
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from training.config import TrainConfig, load_config_file
+    from training.trainer import Trainer
+
+    if "retain" in sys.argv[2:]:
+        from deqguard.cpu_memory import retain_freed_memory
+
+        retain_freed_memory()
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config_file(root / "training" / "configs" / "campaign-micro-trades.toml")
+    cfg = dict(cfg, name="probe", pretrain_steps=0, val_samples=0, jac_prob=0.0, progress=False)
+    tr = Trainer(TrainConfig.from_dict(dict(cfg, out_dir="/tmp/deqguard-probe")))
+    tr.train_step(0)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    for i in range(1, 4):
+        tr.train_step(i)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        f"CPU s / step {(time.process_time() - t0) / 3:.2f}, system s / step"
+        f" {(r1.ru_stime - r0.ru_stime) / 3:.3f}, minor faults / step"
+        f" {(r1.ru_minflt - r0.ru_minflt) // 3}"
+    )
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(4, 7):
+            tr.train_step(i)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 if __name__ == "__main__":
     {
         "groupnorm": groupnorm_probe,
+        "gnlayout": gnlayout_probe,
+        "trainstep": trainstep_probe,
         "gradstep": gradstep_probe,
         "broyden": broyden_probe,
         "compile": compile_probe,
