@@ -33,7 +33,9 @@
 #
 # Environment: PY (default .venv/bin/python), WORKERS (2), N (images of the first three, 1000),
 # N_PAPER, N_ADAPTIVE, N_SQUARE (200 each), ONLY (one model name: only its audits),
-# LOCKS (/tmp/deqguard-campaign-locks).
+# LOCKS (/tmp/deqguard-campaign-locks), DEVICE (cpu), BATCH (64) and SUFFIX (appended to every
+# audit directory; an audit resumes only under the batch size it started with, so a GPU run with
+# large batches writes its own directories: DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -43,6 +45,9 @@ N_PAPER=${N_PAPER:-200}
 N_ADAPTIVE=${N_ADAPTIVE:-200}
 N_SQUARE=${N_SQUARE:-200}
 LOCKS=${LOCKS:-/tmp/deqguard-campaign-locks}
+DEVICE=${DEVICE:-cpu}
+BATCH=${BATCH:-64}
+SUFFIX=${SUFFIX:-}
 export OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 ALL=(micro-trades micro-trades-ri)
 [ -n "${ONLY:-}" ] && ALL=("$ONLY")
@@ -95,7 +100,10 @@ stage() { # stage number, model -> the line of that stage
 }
 JOBS=()
 for s in 1 2 3 4 5 6; do
-    for m in "${MODELS[@]}"; do JOBS+=("$m $(stage "$s" "$m")"); done
+    for m in "${MODELS[@]}"; do
+        read -r name args <<< "$(stage "$s" "$m")"
+        JOBS+=("$m $name$SUFFIX $args")
+    done
 done
 
 worker() { # worker number: runs every job it can claim, in queue order
@@ -111,7 +119,8 @@ worker() { # worker number: runs every job it can claim, in queue order
         fi
         echo "== $(date -u +%FT%TZ) worker $1: $name"
         # shellcheck disable=SC2086  # args is a word list by construction
-        if "$PY" -m deqguard.cli audit "$m@2" $args --batch-size 64 --out "docs/audits/$name" \
+        if "$PY" -m deqguard.cli audit "$m@2" $args --batch-size "$BATCH" --device "$DEVICE" \
+            --out "docs/audits/$name" \
             > "/tmp/campaign_finish-$name.log" 2>&1; then
             touch "$LOCKS/$name.done"
         else

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare the GPU check (benchmarks/device_check.py) for the `device` tool, here, before asking
 # for a machine: the first 1,000 CIFAR-10 test images as .device/test1000.npz (the CIFAR-10 root
-# stays on this machine; 3 MB travels) and, in .whl/, Python 3.12 wheels of what the device's
+# stays on this machine; 3 MB travels), the test split's own files for audits there (30 MB), and,
+# in .whl/, Python 3.12 wheels of what the device's
 # image lacks (fastapi, pydantic & co. for the service section; pyautoattack's code, for the
 # audits, as plain files in .device/site).
 # Both folders are ignored through .git/info/exclude, never committed. Then, one `run` call
@@ -11,6 +12,12 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.device/site:$PWD PYTHONUNBUFFERED=1 \
 #     || exit; python3 benchmarks/device_check.py --out $OUT --images .device/test1000.npz
+#
+# Audits of the exported campaign models on the GPU (docs/TRAINING.md, "Audits on a GPU"):
+#   carry: [".device"], timeout_s: 560, command:
+#   export PYTHONPATH=$PWD/.device/site:$PWD DEQGUARD_DATA_DIR=$PWD/.device PYTHONUNBUFFERED=1;
+#   PY=python3 DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8 timeout 480 scripts/campaign_finish.sh;
+#   pkill -f 'deqguard.cli audit'; sleep 3; tar czf $OUT/audits-cuda.tgz docs/audits/*-cuda
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -18,6 +25,10 @@ for d in /.device/ /.whl/; do
     grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
 done
 mkdir -p .device .whl
+# the test split itself (30 MB), for audits on the GPU (DEQGUARD_DATA_DIR=.device there)
+src=$("$PY" -c "from deqguard.data import BATCH_DIR, resolve_data_root; print(resolve_data_root() / BATCH_DIR)")
+mkdir -p .device/cifar-10-batches-py
+cp "$src/test_batch" "$src/batches.meta" .device/cifar-10-batches-py/
 "$PY" - <<'PYEOF'
 import numpy as np
 from deqguard.data import load_test

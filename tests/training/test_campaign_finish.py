@@ -47,8 +47,10 @@ def _tree(tmp: Path, finished: dict[str, bool], version: int = 1) -> Path:
     return tmp
 
 
-def _run(tree: Path, workers: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    env = dict(os.environ, PY=str(tree / "fakepy"), LOCKS=str(tree / "locks"))
+def _run(
+    tree: Path, workers: int, **extra: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    env = dict(os.environ, PY=str(tree / "fakepy"), LOCKS=str(tree / "locks"), **extra)
     env["WORKERS"] = str(workers)
     proc = subprocess.run(
         ["bash", str(tree / "scripts" / SCRIPT.name)],
@@ -102,3 +104,13 @@ def test_an_exported_model_is_not_exported_again(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert not any("training.evaluate" in c for c in calls)
     assert len(_audit_dirs(calls)) == 12
+
+
+def test_a_gpu_run_writes_its_own_directories_with_its_batch_size(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {m: True for m in MODELS}, version=2)
+    proc, calls = _run(tree, workers=4, DEVICE="cuda", BATCH="256", SUFFIX="-cuda")
+    assert proc.returncode == 0, proc.stderr
+    audits = [c for c in calls if c.startswith("-m deqguard.cli audit")]
+    assert len(audits) == 12
+    assert all("--device cuda" in c and "--batch-size 256" in c for c in audits)
+    assert all(d.endswith("-cuda") for d in _audit_dirs(calls))
