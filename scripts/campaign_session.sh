@@ -2,7 +2,7 @@
 # Issue 14's campaign, one session at a time: what every session does first and last, in one
 # place (docs/TRAINING.md, "The campaign").
 #
-#   scripts/campaign_session.sh start    # first thing (after `make setup`)
+#   scripts/campaign_session.sh start    # first thing (runs `make setup` when .venv is missing)
 #   scripts/campaign_session.sh status   # steps, validation, audits running
 #   scripts/campaign_session.sh stop     # ~15 minutes before the session ends; then commit
 #
@@ -45,6 +45,7 @@ EOF
 }
 
 start() {
+    [ -x "$PY" ] || make setup # a fresh machine: the .venv first
     git worktree prune
     if [ -d "$PINNED" ]; then
         echo "$PINNED exists: a session's jobs may still run there (stop first)" >&2
