@@ -108,6 +108,41 @@ def _defense(text: str) -> str | DefenseParams:
     return defense_from_spec(json.loads(text) if text.lstrip().startswith("{") else text)
 
 
+def config_from_args(args: argparse.Namespace) -> AuditConfig:
+    """The AuditConfig of parsed arguments (ValueError / JSONDecodeError on a bad value)."""
+    aa = tuple(a for a in args.aa_attacks.split(",") if a)
+    return AuditConfig(
+        model=args.model,
+        store_root=args.store,
+        defense=_defense(args.defense),
+        suite=args.suite,
+        n=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        pgd_steps=args.pgd_steps,
+        pgd_restarts=args.pgd_restarts,
+        pgd_every_iterate=not args.pgd_last_iterate,
+        apgd_iters=args.apgd_iters,
+        apgd_targets=args.apgd_targets,
+        bpda_targets=args.bpda_targets,
+        adaptive_restarts=args.adaptive_restarts,
+        attacks=tuple(a for a in args.attacks.split(",") if a),
+        adaptive_pgd_steps=args.adaptive_pgd_steps,
+        adaptive_pgd_restarts=args.adaptive_pgd_restarts,
+        sanity_images=args.sanity_images,
+        grid=args.grid,
+        autoattack=not args.no_autoattack,
+        aa_version="custom" if aa else "standard",
+        aa_attacks=aa,
+        aa_apgd_iters=args.aa_apgd_iters,
+        square_queries=args.square_queries,
+        transfer_from=args.transfer_from,
+        attack_misclassified=args.attack_misclassified,
+        device=args.device,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -115,37 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     retain_freed_memory()  # attacks run thousands of forwards: reuse pages (cpu_memory)
     try:
-        aa = tuple(a for a in args.aa_attacks.split(",") if a)
-        cfg = AuditConfig(
-            model=args.model,
-            store_root=args.store,
-            defense=_defense(args.defense),
-            suite=args.suite,
-            n=args.n,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            steps=args.steps,
-            pgd_steps=args.pgd_steps,
-            pgd_restarts=args.pgd_restarts,
-            pgd_every_iterate=not args.pgd_last_iterate,
-            apgd_iters=args.apgd_iters,
-            apgd_targets=args.apgd_targets,
-            bpda_targets=args.bpda_targets,
-            adaptive_restarts=args.adaptive_restarts,
-            attacks=tuple(a for a in args.attacks.split(",") if a),
-            adaptive_pgd_steps=args.adaptive_pgd_steps,
-            adaptive_pgd_restarts=args.adaptive_pgd_restarts,
-            sanity_images=args.sanity_images,
-            grid=args.grid,
-            autoattack=not args.no_autoattack,
-            aa_version="custom" if aa else "standard",
-            aa_attacks=aa,
-            aa_apgd_iters=args.aa_apgd_iters,
-            square_queries=args.square_queries,
-            transfer_from=args.transfer_from,
-            attack_misclassified=args.attack_misclassified,
-            device=args.device,
-        )
+        cfg = config_from_args(args)
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"deqguard audit: {exc}", file=sys.stderr)
         return 2

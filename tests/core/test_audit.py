@@ -464,6 +464,17 @@ def test_cli_writes_report_plots_and_summary(model, tmp_path) -> None:
     )
 
 
+def test_cli_refuses_an_unknown_attack_name_before_loading_anything(tmp_path, capsys) -> None:
+    from deqguard.audit.cli import main
+
+    # no such store: the name is checked first, so the error is about the attack
+    argv = ["m", "--store", str(tmp_path / "none"), "--suite", "adaptive", "--attacks", "bogus"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "attacks ['bogus'] are not in this adaptive suite" in err and "exact-pgd" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_torchrun_sharded_cli_gives_the_single_process_report(model, tmp_path) -> None:
     """Two real processes under torchrun (gloo): each audits every other batch, rank 0 gathers
     and writes the report, which equals the one-process report."""

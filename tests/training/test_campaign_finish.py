@@ -114,3 +114,27 @@ def test_a_gpu_run_writes_its_own_directories_with_its_batch_size(tmp_path: Path
     assert len(audits) == 12
     assert all("--device cuda" in c and "--batch-size 256" in c for c in audits)
     assert all(d.endswith("-cuda") for d in _audit_dirs(calls))
+
+
+def test_every_queued_audit_is_a_valid_deqguard_audit_command(tmp_path: Path) -> None:
+    """The queue's argument lines parse with the real CLI, and each names attacks its suite
+    has (the stand-in above would accept anything)."""
+    import shlex
+
+    from deqguard.audit.cli import _parser, config_from_args
+    from deqguard.audit.config import build_suite
+
+    tree = _tree(tmp_path, {m: True for m in MODELS}, version=2)
+    proc, calls = _run(tree, workers=1)
+    assert proc.returncode == 0, proc.stderr
+    audits = [c for c in calls if c.startswith("-m deqguard.cli audit")]
+    assert len(audits) == 12
+    for call in audits:
+        argv = shlex.split(call)[3:]  # after "-m deqguard.cli audit"
+        cfg = config_from_args(_parser().parse_args(argv))
+        plans = build_suite(cfg)
+        assert plans, call
+        out = argv[argv.index("--out") + 1]
+        assert out.endswith(f"-{cfg.n}"), (out, cfg.n)
+        if cfg.attacks:
+            assert {p.name for p in plans} == set(cfg.attacks)
