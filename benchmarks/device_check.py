@@ -67,6 +67,7 @@ class Check:
         self.images, self.labels = images, labels
         self.deadline = time.monotonic() + budget_s
         self.results: dict[str, Any] = {}
+        self.models: tuple[str, ...] = MODELS
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -152,7 +153,7 @@ def parity_section(chk: Check) -> dict[str, Any]:
     n = 8 if chk.small else 512
     out: dict[str, Any] = {"images": n}
     cpu = torch.device("cpu")
-    for name in MODELS:
+    for name in chk.models:
         e_cpu, e_dev = _load(name, cpu), _load(name, chk.dev)
         solver = e_dev.manifest.solver
         x, y = chk.batch(n, cpu)
@@ -190,7 +191,7 @@ def bf16_section(chk: Check) -> dict[str, Any]:
         return {"skipped": "bf16 autocast is checked on CUDA only"}
     n = 512
     out: dict[str, Any] = {"images": n}
-    for name in MODELS:
+    for name in chk.models:
         e = _load(name, chk.dev)
         x, y = chk.batch(n, chk.dev)
         u32, d32 = _forwards(e.model, x, e.manifest.solver, "paper")
@@ -286,7 +287,7 @@ def speed_section(chk: Check) -> dict[str, Any]:
 
     retain_freed_memory()
     out: dict[str, Any] = {}
-    name = MODELS[0]
+    name = chk.models[0]
     e_dev = _load(name, chk.dev)
     solver = e_dev.manifest.solver
     from deqguard.defense import defended_forward, get_preset
@@ -329,7 +330,7 @@ def audit_section(chk: Check) -> dict[str, Any]:
     from deqguard.audit import AuditCancelled, AuditConfig, AuditRunner
     from deqguard.store import load_entry
 
-    entry = load_entry(STORE, MODELS[0], chk.dev)
+    entry = load_entry(STORE, chk.models[0], chk.dev)
     out: dict[str, Any] = {"model": entry.manifest.ref, "sanity": "off (see the docstring)"}
     for defense, n in (("off", 8 if chk.small else 128), ("paper", 8 if chk.small else 64)):
         x, y = chk.batch(n, chk.dev)
@@ -372,7 +373,7 @@ def service_section(chk: Check) -> dict[str, Any]:
     from service.settings import ServiceSettings
     from tests._inprocess import InProcessApp
 
-    settings = ServiceSettings(model_store=STORE, model=MODELS[0], device=str(chk.dev))
+    settings = ServiceSettings(model_store=STORE, model=chk.models[0], device=str(chk.dev))
     pngs = [encode_png(img.numpy()) for img in chk.images[:8]]
     out: dict[str, Any] = {}
     with InProcessApp(create_app(settings)) as client:
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--small", action="store_true", help="tiny sizes (a dry run on a CPU)")
     ap.add_argument("--sections", default="env,parity,bf16,training,speed,audit,service")
+    ap.add_argument("--models", default=",".join(MODELS), help="shipped models to check")
     args = ap.parse_args(argv)
     if args.images is not None:
         import numpy as np
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         split = load_test(n=1000)
         images, labels = split.images, split.labels
     chk = Check(args.device, args.budget_s, args.small, images, labels)
+    chk.models = tuple(m for m in args.models.split(",") if m)
     need = {
         "env": 0,
         "parity": 30,

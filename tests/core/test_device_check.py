@@ -39,13 +39,16 @@ def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
             str(npz),
             "--sections",
             "env,parity,bf16",
+            "--models",
+            "micro-trades-ri",
         ]
     )
     results = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert rc == 0, results
     assert set(results) == {"env", "parity", "bf16"}
     assert results["bf16"]["skipped"].startswith("bf16 autocast is checked on CUDA only")
-    for name in ("micro-trades-ri", "micro-trades"):
+    assert "micro-trades" not in results["parity"]  # --models: only the one named
+    for name in ("micro-trades-ri",):
         par = results["parity"][name]
         # CPU against CPU: the same numbers, and Algorithm 1's schedule for `paper`
         assert par["undefended_max_abs_logit_diff"] == 0.0
