@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from deqguard.attacks import IntermediateSpec
+from deqguard.audit.config import attack_family
 from deqguard.audit.report import wilson_interval
 
 __all__ = [
@@ -64,6 +65,7 @@ _HEADERS = {
 }
 _ADAPTIVE_GRADS = ("bpda", "exact", "none", "source-model")
 _SINGLE_ATTACK = ("pgd10", "intermediate", "adaptive")  # a column of its strongest attack
+_FAMILY_COLUMNS = ("intermediate", "adaptive")  # one attack family each (attack_family)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class AttackOutcome:
     spec: str | None
     budget: str
     correct: Tensor
+    cumulative: bool = False  # a cascade's later attack of its family: robust to it and all before
 
 
 @dataclass(frozen=True)
@@ -126,19 +129,25 @@ def load_audit(path: str | Path, allow_partial: bool = False) -> AuditRecords:
     records = [batches[i] for i in range(count)]
     labels = torch.tensor([y for r in records for y in r["labels"]], dtype=torch.long)
     clean = torch.tensor([bool(c) for r in records for c in r["clean_correct"]])
-    attacks = [
-        AttackOutcome(
-            audit=path.name,
-            name=plan["name"],
-            kind=plan["kind"],
-            grad=plan["grad"],
-            spec=plan.get("spec"),
-            budget=plan.get("budget", ""),
-            correct=torch.tensor([bool(c) for r in records for c in r["attacks"][a]["correct"]])
-            & clean,
+    cascade = bool(cfg.get("cascade", False))
+    seen: set[str] = set()
+    attacks = []
+    for a, plan in enumerate(plans):
+        family = attack_family(plan["kind"], plan["grad"])
+        attacks.append(
+            AttackOutcome(
+                audit=path.name,
+                name=plan["name"],
+                kind=plan["kind"],
+                grad=plan["grad"],
+                spec=plan.get("spec"),
+                budget=plan.get("budget", ""),
+                correct=torch.tensor([bool(c) for r in records for c in r["attacks"][a]["correct"]])
+                & clean,
+                cumulative=cascade and family in seen,
+            )
         )
-        for a, plan in enumerate(plans)
-    ]
+        seen.add(family)
     return AuditRecords(
         path=path,
         model_sha256=str(model.get("sha256", "")),
@@ -268,9 +277,20 @@ def build_row(label: str, audits: Sequence[AuditRecords]) -> AblationRow:
             by_column[col].append(o)
     cells: dict[str, Cell] = {"clean": Cell(int(clean.sum()), n, "")}
     for col in _SINGLE_ATTACK:
-        cell = _strongest(by_column[col])
-        if cell is not None:
-            cells[col] = cell
+        # a cascade's later attacks are cumulative, not single attacks: their family counts
+        # instead, per sample over all its attacks of that audit (at least as strong a claim)
+        candidates = [c for c in [_strongest([o for o in by_column[col] if not o.cumulative])] if c]
+        if col in _FAMILY_COLUMNS:
+            for audit in {o.audit for o in by_column[col] if o.cumulative}:
+                members = [o for o in by_column[col] if o.audit == audit]
+                m = members[0].correct.numel()  # the images that audit covered
+                robust = clean[:m].clone()
+                for o in members:
+                    robust &= o.correct
+                what = f"per sample over its {len(members)} attacks (cascade)"
+                candidates.append(Cell(int(robust.sum()), m, what, audit))
+        if candidates:
+            cells[col] = min(candidates, key=lambda c: (c.correct, -c.n))
     aa = _per_sample(by_column["autoattack"], clean, "per sample over its attacks")
     if aa is not None:
         cells["autoattack"] = aa

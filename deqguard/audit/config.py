@@ -63,6 +63,7 @@ __all__ = [
     "AttackPlan",
     "AuditConfig",
     "Suite",
+    "attack_family",
     "build_suite",
     "full_suite",
 ]
@@ -105,6 +106,18 @@ _SELECT: dict[str, str] = {
     "none": "defended",
     "source-model": "source-model",
 }
+
+
+def attack_family(kind: str, grad: str) -> str:
+    """The family of an attack, the attacks a cascade chains (``AuditConfig.cascade``) and the
+    ablation table's columns: ``adaptive`` (through the defense, score-based, or from another
+    model), ``autoattack`` (APGD-CE, APGD-T, AutoAttack), ``intermediate`` (the Eq. 11 grid),
+    ``pgd`` (PGD on the undefended served prediction)."""
+    if grad in ("bpda", "exact", "none", "source-model"):
+        return "adaptive"
+    if kind in ("autoattack", "apgd-ce", "apgd-t"):
+        return "autoattack"
+    return "intermediate" if grad == "eq11" else "pgd"
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,11 @@ class AttackPlan:
         if self.kind == "autoattack":
             return "AutoAttack (see config: aa_version, aa_apgd_iters, square_queries)"
         return ""
+
+    @property
+    def family(self) -> str:
+        """The attacks a cascade chains (:func:`attack_family`)."""
+        return attack_family(self.kind, self.grad)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -204,6 +222,12 @@ class AuditConfig:
             report says which were left out (non-standard on its own: combine such audits per
             sample with ``deqguard audit-table``).
         device: torch device string.
+        cascade: run each attack only on the images that every earlier attack of its
+            ``AttackPlan.family`` left correct, as AutoAttack runs its attacks (about half the
+            compute; ``benchmarks/cascade_estimate.py``). Each family's first attack still sees
+            every attacked image; the later ones' figures are then cumulative (robust to this
+            attack and every earlier one of its family), so a family's last row is its
+            per-sample worst case. The per-sample worst case over all attacks is unchanged.
     """
 
     model: str
@@ -238,6 +262,7 @@ class AuditConfig:
     store_root: str | None = None
     attacks: tuple[str, ...] = ()
     device: str = "cpu"
+    cascade: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -295,6 +320,8 @@ class AuditConfig:
         d["defense_params"] = self.defense_params.to_dict()
         d["aa_attacks"] = list(self.aa_attacks)
         d["attacks"] = list(self.attacks)
+        if not self.cascade:  # off: the identity (fingerprint) of audits from before the option
+            del d["cascade"]
         return d
 
     @classmethod

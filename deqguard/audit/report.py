@@ -103,6 +103,7 @@ _ATTACK = {
         "select": {"type": "string", "enum": ["undefended", "defended", "source-model"]},
         "budget": {"type": "string"},
         "robust": _ACC,
+        "n_ran": {"type": "integer", "minimum": 0},
         "P": _PROB,
         "delta_H": _NUM,
         "entropy_curve": _CURVE,
@@ -277,20 +278,29 @@ def build_report(
         adv_h = [h for r in recs for h in r["entropy"]]
         robust = [c and o for c, o in zip(clean_ok, ok)]
         survive = [s and r for s, r in zip(survive, robust)]
-        pairs = [(hc, ha) for hc, ha, h in zip(clean_h, adv_h, hit) if h]
-        p = sum(hc < ha for hc, ha in pairs) / n_hit if n_hit else 0.0
-        dh = sum(hc - ha for hc, ha in pairs) / n_hit if n_hit else 0.0
+        # under a cascade an attack ran on some of the attacked images only (``ran``): its
+        # P, Delta H and curves are over those
+        ran = [
+            x
+            for b, r in zip(batches, recs)
+            for x in r.get("ran", b.get("attacked", [True] * len(b["labels"])))
+        ]
+        n_ran = sum(ran)
+        pairs = [(hc, ha) for hc, ha, h in zip(clean_h, adv_h, ran) if h]
+        p = sum(hc < ha for hc, ha in pairs) / n_ran if n_ran else 0.0
+        dh = sum(hc - ha for hc, ha in pairs) / n_ran if n_ran else 0.0
         attacks.append(
             {
                 **plan,
                 "robust": _acc(sum(robust), n),
+                "n_ran": n_ran,
                 "P": p,
                 "delta_H": dh,
-                "entropy_curve": _mean_curve([r["step_entropy_sum"] for r in recs], n_hit),
+                "entropy_curve": _mean_curve([r["step_entropy_sum"] for r in recs], n_ran),
                 "undefended_entropy_curve": _mean_curve(
-                    [r["undefended_step_entropy_sum"] for r in recs], n_hit
+                    [r["undefended_step_entropy_sum"] for r in recs], n_ran
                 ),
-                "state_deviation": _mean_curve([r["state_dev_sum"] for r in recs], n_hit),
+                "state_deviation": _mean_curve([r["state_dev_sum"] for r in recs], n_ran),
                 "seconds": float(sum(r.get("seconds", 0.0) for r in recs)),
             }
         )
@@ -492,6 +502,11 @@ def markdown_summary(report: dict[str, Any], plots: list[str] | None = None) -> 
         f"- {head}: {_pct(report['headline']['robust'])} by `{report['headline']['attack']}`",
         f"- per-sample worst case over all {len(report['attacks'])} attacks: {_pct(report['worst_case'])}",
     ]
+    if cfg.get("cascade"):
+        lines.append(
+            "- cascade: each attack ran only on its family's survivors (AutoAttack's protocol);"
+            " per-attack rows are cumulative within the family"
+        )
     ps, ds = report["P_stats"], report["delta_H_stats"]
     if ps["avg"] is not None:
         lines.append(

@@ -57,7 +57,7 @@ OPTION_FIELDS = (
     "pgd_steps", "pgd_step_size", "pgd_restarts", "eps", "grid", "autoattack", "aa_version",
     "aa_attacks", "aa_apgd_iters", "square_queries", "adaptive_ka", "transfer_from",
     "pgd_every_iterate", "apgd_iters", "apgd_targets", "bpda_targets", "adaptive_restarts",
-    "adaptive_pgd_steps", "adaptive_pgd_restarts", "sanity_images",
+    "adaptive_pgd_steps", "adaptive_pgd_restarts", "sanity_images", "cascade",
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 
@@ -80,7 +80,7 @@ AUDIT_BUDGETS: dict[str, tuple[type, float, float]] = {
 }
 """Audit budgets: bounds of the numeric options (a typo like ``pgd_steps=1e9`` is a 422, not a
 job that never ends)."""
-_BOOL_OPTIONS = ("autoattack", "pgd_every_iterate")
+_BOOL_OPTIONS = ("autoattack", "pgd_every_iterate", "cascade")
 _STR_OPTIONS = ("grid", "aa_version", "transfer_from")
 
 

@@ -30,6 +30,7 @@ def _write_state(
     n: int | None = None,
     sha: str = "abc",
     defense: dict | None = None,
+    cascade: bool = False,
 ) -> Path:
     """A state.json as the audit runner writes it, with chosen per-sample outcomes."""
     plans = [p for p in PLANS if p[0] in correct]
@@ -50,6 +51,8 @@ def _write_state(
         "steps": 2,
         "defense_params": defense or {"R": 10},
     }
+    if cascade:
+        cfg["cascade"] = True
     fp = {
         "config": cfg,
         "model": {"sha256": sha, "ref": "m@1"},
@@ -147,3 +150,30 @@ def test_a_real_audit_state_gives_the_reports_worst_case(model, tmp_path) -> Non
     json_path = tmp_path / "rows.json"
     assert main(["--row", f"r={out}", "--json", str(json_path)]) == 0
     assert json.loads(json_path.read_text())[0]["cells"]["worst"]["n"] == 4
+
+
+def test_a_cascade_audit_counts_each_family_per_sample_not_its_cumulative_rows(tmp_path) -> None:
+    """Under a cascade the grid's second attack only ran on the first one's survivors, so its
+    row is cumulative (robust to both): it is not a single attack. The intermediate column then
+    takes the family per sample (image 1 falls to z1, image 2 to z2: 1 of 3 robust), and the
+    PGD-10 column only the family's first attack and the undefended PGD."""
+    a = _write_state(
+        tmp_path,
+        "a",
+        LABELS,
+        CLEAN,
+        {
+            "pgd-undefended": [True, True, True, False],
+            "pgd-z2-Ka1-lam1": [True, True, False, False],  # first of the family: a single
+            "pgd-z1-Ka1-lam1": [True, False, False, False],  # cumulative: z2's and its own
+        },
+        cascade=True,
+    )
+    rec = load_audit(a)
+    assert [o.cumulative for o in rec.attacks] == [False, False, True]
+    row = build_row("r", [rec])
+    inter = row.cells["intermediate"]
+    assert (inter.correct, inter.n) == (1, 4) and "cascade" in inter.attack
+    # PGD-10 at z[N] = z2 is the family's first attack: an exact single attack
+    assert row.cells["pgd10"].correct == 2 and row.cells["pgd10"].attack == "pgd-z2-Ka1-lam1"
+    assert row.cells["worst"].correct == 1

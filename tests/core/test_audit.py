@@ -565,3 +565,65 @@ def test_a_subset_of_attacks_reproduces_the_whole_suites_outcomes(model, data) -
     with pytest.raises(ValueError, match="not in this quick suite; its attacks: pgd-undefended"):
         _cfg(attacks=("square-defended",))
     assert AuditConfig.from_dict(_cfg(attacks=("apgd-t",)).to_dict()).attacks == ("apgd-t",)
+
+
+def _scripted_runner(monkeypatch, fooled: dict[str, set[int]], **kw) -> tuple[AuditRunner, dict]:
+    """The toy's quick suite with scripted outcomes: attack ``name`` fools the images
+    ``fooled[name]`` among those it runs on; ``calls[name]`` records which images it ran on."""
+    x, y = mean_half_images(4), torch.zeros(4, dtype=torch.long)
+    cfg = AuditConfig(model="toy", defense="off", n=4, batch_size=4, steps=4, **kw)
+    runner = AuditRunner(cfg, model=MisleadingImageDEQ().eval(), images=x, labels=y)
+    calls: dict[str, list[int]] = {}
+    current: list[str] = []
+
+    def ids(v: torch.Tensor) -> list[int]:
+        return [int((x == row).flatten(1).all(1).nonzero()[0]) for row in v]
+
+    def attack(plan, a, index, xa, ya, strongest):  # the clean images, unchanged
+        calls[plan.name] = ids(xa)
+        current[:] = [plan.name]
+        return xa
+
+    def record(x_adv, ya, zc):
+        bad = fooled.get(current[0], set())
+        k = len(ya)
+        return {
+            "correct": [i not in bad for i in ids(x_adv)],
+            "entropy": [0.0] * k,
+            "step_entropy_sum": [0.0] * 4,
+            "undefended_step_entropy_sum": [0.0] * 4,
+            "state_dev_sum": [0.0] * 4,
+        }
+
+    monkeypatch.setattr(runner, "_attack", attack)
+    monkeypatch.setattr(runner, "_record", record)
+    return runner, calls
+
+
+def test_cascade_runs_each_attack_only_on_its_familys_survivors(monkeypatch) -> None:
+    fooled = {"pgd-undefended": set(), "apgd-ce": {0, 1}, "apgd-t": {0, 2}}
+    runner, calls = _scripted_runner(monkeypatch, fooled, cascade=True, sanity_images=0)
+    assert [p.family for p in runner.plans] == ["pgd", "autoattack", "autoattack"]
+    record = runner.run_batch(0)
+    # the first attack of each family sees every attacked image; APGD-T only APGD-CE's survivors
+    assert calls == {"pgd-undefended": [0, 1, 2, 3], "apgd-ce": [0, 1, 2, 3], "apgd-t": [2, 3]}
+    apgd_t = record["attacks"][2]
+    assert apgd_t["ran"] == [False, False, True, True]
+    assert apgd_t["correct"] == [False, False, False, True]  # cumulative within the family
+    report = runner.run()
+    validate_report(report)
+    rows = {a["name"]: a for a in report["attacks"]}
+    assert rows["apgd-t"]["robust"]["correct"] == 1 and rows["apgd-t"]["n_ran"] == 2
+    assert rows["apgd-ce"]["n_ran"] == 4 and report["worst_case"]["correct"] == 1
+    assert any(n.startswith("cascade:") for n in report["notes"])
+    assert "- cascade: each attack ran only on its family's survivors" in markdown_summary(report)
+    assert report["config"]["cascade"] is True
+
+    # independent runs: APGD-T on all four; the same per-sample worst case
+    plain, calls = _scripted_runner(monkeypatch, fooled, sanity_images=0)
+    full = plain.run()
+    assert calls["apgd-t"] == [0, 1, 2, 3]
+    assert {a["name"]: a["robust"]["correct"] for a in full["attacks"]}["apgd-t"] == 2
+    assert full["worst_case"] == report["worst_case"]
+    assert "cascade" not in full["config"]  # off: the fingerprint of earlier audits
+    assert "ran" not in plain.run_batch(0)["attacks"][2]

@@ -193,6 +193,7 @@ def test_audit_specs_are_held_to_serving_limits_and_budgets(app_client: httpx.Cl
         ({"options": {"eps": 2}}, "options.eps"),
         ({"options": {"autoattack": "yes"}}, "options.autoattack"),
         ({"options": {"autoattack": True}}, "options.autoattack"),  # smoke runs none
+        ({"options": {"cascade": "yes"}}, "options.cascade"),
         ({"options": {"transfer_from": "../../etc/passwd"}}, "options.transfer_from"),
         ({"options": {"transfer_from": "no-such-model"}}, "options.transfer_from"),
     ]
@@ -211,6 +212,8 @@ def test_smoke_report_says_what_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: P
             "batch_size": 8, "seed": 0, "options": {}}  # fmt: skip
     config = audits.audit_config(spec, 8, "cpu")
     assert config.autoattack is False and config.pgd_steps == audits.SMOKE_PGD_STEPS
+    cascaded = audits.audit_config({**spec, "options": {"cascade": True}}, 8, "cpu")
+    assert cascaded.cascade is True and config.cascade is False
     monkeypatch.setattr(audits, "write_plots", lambda report, d: [])
     monkeypatch.setattr(audits, "markdown_summary", lambda report, files: "")
     report = audits.finish_report({"notes": [], "config": config.to_dict()}, spec, tmp_path)
