@@ -25,8 +25,8 @@
 #                                APGD-T (3 targets), PGD-50 x 5 restarts; APGD transfer
 #   <m>@2-paper-square-$N_SQUARE     Square end to end, 1,000 queries
 # All but Square run as a cascade (--cascade: each attack only on the images every earlier
-# attack of its family left correct, as AutoAttack runs its four; about half the compute,
-# benchmarks/cascade_estimate.py), so APGD-CE "then" APGD-T is item 5's protocol as written.
+# attack of its family left correct, as AutoAttack runs its four; fewer images per attack,
+# docs/TRAINING.md), so APGD-CE "then" APGD-T is item 5's protocol as written.
 # then `deqguard audit-table` (docs/TRAINING.md) combines them per sample. The defended grid,
 # adaptive and Square audits run on the first 200 images by default: at the per-image costs of
 # the committed audits (docs/TRAINING.md) they are 5-25 core-hours per model on 1,000.

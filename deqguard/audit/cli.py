@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cascade",
         action="store_true",
         help="run each attack only on the images every earlier attack of its family left"
-        " correct, as AutoAttack does (about half the compute; per-attack figures become"
+        " correct, as AutoAttack does (fewer images per attack; per-attack figures become"
         " cumulative within a family; the per-sample worst case is unchanged)",
     )
     p.add_argument(

@@ -223,8 +223,8 @@ class AuditConfig:
             sample with ``deqguard audit-table``).
         device: torch device string.
         cascade: run each attack only on the images that every earlier attack of its
-            ``AttackPlan.family`` left correct, as AutoAttack runs its attacks (about half the
-            compute; ``benchmarks/cascade_estimate.py``). Each family's first attack still sees
+            ``AttackPlan.family`` left correct, as AutoAttack runs its attacks (fewer images
+            per attack: docs/TRAINING.md). Each family's first attack still sees
             every attacked image; the later ones' figures are then cumulative (robust to this
             attack and every earlier one of its family), so a family's last row is its
             per-sample worst case. The per-sample worst case over all attacks is unchanged.
