@@ -627,3 +627,14 @@ def test_cascade_runs_each_attack_only_on_its_familys_survivors(monkeypatch) -> 
     assert full["worst_case"] == report["worst_case"]
     assert "cascade" not in full["config"]  # off: the fingerprint of earlier audits
     assert "ran" not in plain.run_batch(0)["attacks"][2]
+
+
+def test_cascade_with_nothing_left_runs_nothing_and_reports(monkeypatch) -> None:
+    fooled = {"apgd-ce": {0, 1, 2, 3}, "apgd-t": {0, 1, 2, 3}}
+    runner, calls = _scripted_runner(monkeypatch, fooled, cascade=True, sanity_images=0)
+    report = runner.run()
+    validate_report(report)
+    assert "apgd-t" not in calls  # every image already fooled: the attack did not run
+    rows = {a["name"]: a for a in report["attacks"]}
+    assert rows["apgd-t"]["n_ran"] == 0 and rows["apgd-t"]["robust"]["correct"] == 0
+    assert rows["pgd-undefended"]["robust"]["correct"] == 4  # its own family: untouched
