@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS = ("campaign-micro-trades", "campaign-micro-trades-ri")
 
 pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("bash", "flock", "git", "pgrep")),
-    reason="needs bash, flock, git and pgrep",
+    any(shutil.which(t) is None for t in ("bash", "flock", "git", "pgrep"))
+    or not Path("/proc/self/cwd").exists(),
+    reason="needs bash, flock, git, pgrep and /proc (Linux)",
 )
 
 FAKE = """#!/bin/bash
