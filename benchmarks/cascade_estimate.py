@@ -38,7 +38,9 @@ def main(argv: list[str]) -> int:
         state = json.loads(path.read_text())
         records = state.get("batches", {})
         batches = [b for b in (records.values() if isinstance(records, dict) else records)]
-        cascaded, full = cascade_fraction([b for b in batches if "attacks" in b])
+        cascaded, full = cascade_fraction(
+            [b for b in batches if "attacks" in b and not b.get("partial")]
+        )
         if full <= 0:
             print(f"{d}: no timed records")
             continue

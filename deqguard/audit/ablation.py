@@ -117,7 +117,7 @@ def load_audit(path: str | Path, allow_partial: bool = False) -> AuditRecords:
     cfg, plans, model = fp.get("config"), fp.get("plans"), fp.get("model") or {}
     if not cfg or not plans or any("grad" not in p for p in plans):
         raise ValueError(f"{state_path}: not a schema-2 audit state (no attack gradients)")
-    batches = {int(k): v for k, v in state["batches"].items()}
+    batches = {int(k): v for k, v in state["batches"].items() if not v.get("partial")}
     count = len(batches)
     if sorted(batches) != list(range(count)):
         raise ValueError(f"{state_path}: batches {sorted(batches)} are not 0..{count - 1}")

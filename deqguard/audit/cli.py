@@ -185,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elapsed = json.loads(previous.read_text())["elapsed_s"]
             report = runner.report(list(done.values()), elapsed_s=elapsed)
         else:
-            report = runner.run(progress=progress, state_path=out / "state.json")
+            report = runner.run(
+                progress=progress, state_path=out / "state.json", checkpoint_attacks=True
+            )
     except AuditCancelled as exc:
         print(f"deqguard audit: {exc}", file=sys.stderr)
         return 3

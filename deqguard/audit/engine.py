@@ -83,6 +83,15 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def _grid_score(rec: dict[str, Any], cascade: bool) -> float | None:
+    """How strong one grid attack was on its batch (lower: stronger): its robust count, or
+    under a cascade its robust fraction among the images it ran on (None: it ran on none)."""
+    if not cascade:
+        return float(sum(rec["correct"]))
+    ran = [i for i, r in enumerate(rec["ran"]) if r]
+    return sum(bool(rec["correct"][i]) for i in ran) / len(ran) if ran else None
+
+
 @dataclass
 class AuditRunner:
     """One audit. Pass ``model`` (and optionally ``images``/``labels``) to skip the store and
@@ -301,13 +310,23 @@ class AuditRunner:
         return {name: c.tolist() for name, c in out.items()}
 
     def run_batch(
-        self, index: int, should_cancel: Callable[[], bool] | None = None
+        self,
+        index: int,
+        should_cancel: Callable[[], bool] | None = None,
+        *,
+        resume: dict[str, Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """The record of batch ``index``: labels, clean results and one entry per plan.
 
         Only the images the defended model gets right are attacked unless
         ``config.attack_misclassified``; the others keep x_adv = x. ``should_cancel`` is also
-        polled between attacks (a cancelled batch is discarded).
+        polled between attacks (a cancelled batch is discarded unless checkpointed).
+        ``checkpoint`` is called after every attack but the last with the batch's record so
+        far (``"partial": True``); passed back as ``resume``, such a record skips the attacks it
+        holds (each attack's randomness is seeded by (seed, batch, attack), so the result is the
+        uninterrupted one) and its sanity runs; one whose attacked images differ from this
+        run's clean decisions (another machine's rounding) is discarded and the batch redone.
         """
         assert self.model is not None
         x, y = self.batch(index)
@@ -328,10 +347,13 @@ class AuditRunner:
             "undefended_step_entropy_sum": [0.0] * und.shape[0],
             "state_dev_sum": [0.0] * clean_res.trace.states.shape[0],
         }
-        sanity: dict[str, Any] | None = None
+        if resume is not None and resume.get("attacked") != attacked.tolist():
+            # another machine's rounding flipped a clean decision: start the batch over
+            resume = None
+        sanity: dict[str, Any] | None = None if resume is None else resume.get("sanity")
         start = index * self.config.batch_size
         sane = [j for j, i in enumerate(idx_list) if start + i < self.config.sanity_images]
-        if sane:
+        if sane and resume is None:
             t0 = time.perf_counter()
             sel = torch.tensor(sane, dtype=torch.long, device=xs.device)
             runs = self._sanity(index, xs[sel], ys[sel])
@@ -340,60 +362,92 @@ class AuditRunner:
                 "runs": runs,
                 "seconds": time.perf_counter() - t0,
             }
-        records: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = [] if resume is None else list(resume["attacks"])
         strongest: IntermediateSpec | None = None
         best: float | None = None
         cascade = self.config.cascade
         alive: dict[str, Tensor] = {}  # cascade: family -> [len(idx)] bool, still robust
+
+        def record_of(partial: bool) -> dict[str, Any]:
+            return {
+                "index": index,
+                "labels": y.tolist(),
+                "clean_correct": clean_ok.tolist(),
+                "attacked": attacked.tolist(),
+                "clean_entropy": clean_res.entropy.tolist(),
+                "clean_step_entropy_sum": clean_res.step_entropy[:, idx].sum(1).tolist(),
+                "clean_undefended_step_entropy_sum": und[:, idx].sum(1).tolist(),
+                "attacks": list(records),
+                **({} if sanity is None else {"sanity": sanity}),
+                **({"partial": True} if partial else {}),
+            }
+
         for a, plan in enumerate(self.plans):
-            if should_cancel is not None and should_cancel():
-                raise AuditCancelled(f"cancelled during batch {index}")
-            t0 = time.perf_counter()
-            if cascade:  # only the images every earlier attack of the family left correct
-                live = alive.setdefault(plan.family, torch.ones(len(idx_list), dtype=torch.bool))
-                pos = live.nonzero().flatten()
-                rows = [idx_list[j] for j in pos.tolist()]
-                sel = pos.to(xs.device)
-                xa, ya, za = xs[sel], ys[sel], zc[:, sel]
+            live = alive.setdefault(plan.family, torch.ones(len(idx_list), dtype=torch.bool))
+            if a < len(records):  # done before a stop: only what the later attacks need
+                rec = records[a]
             else:
-                rows, xa, ya, za = idx_list, xs, ys, zc
-            if rows:
-                seed_a = self._seed_index.get(plan.name, a)
-                x_adv = self._attack(plan, seed_a, index, xa, ya, strongest)
-                if (x_adv - xa).abs().max() > self.config.eps + 1e-6:  # never report invalid
-                    raise RuntimeError(f"{plan.name} left the eps-ball")
-                sub = self._record(x_adv, ya, za)
-            else:
-                sub = {"correct": [], "entropy": [], **empty}
-            sub["seconds"] = time.perf_counter() - t0
-            rec = self._scatter(sub, rows, base)
-            if cascade:
-                ran = set(rows)
-                for i in idx_list:  # fooled by an earlier attack of the family: not robust
-                    if i not in ran:
-                        rec["correct"][i] = False
-                rec["ran"] = [i in ran for i in range(len(y))]
-                live[pos] = torch.tensor(sub["correct"], dtype=torch.bool)
-            records.append(rec)
+                if should_cancel is not None and should_cancel():
+                    raise AuditCancelled(f"cancelled during batch {index}")
+                rec = self._attack_record(plan, a, index, xs, ys, zc, idx_list, live, base,
+                                          empty, strongest, len(y))  # fmt: skip
+                records.append(rec)
+            if cascade:  # the family's survivors: robust to every attack of it so far
+                live &= torch.tensor([bool(rec["correct"][i]) for i in idx_list], dtype=torch.bool)
             if plan.kind == "pgd" and plan.grad == "eq11":
                 # the batch's strongest grid surrogate (AutoAttack's gradient): fewest robust;
                 # under a cascade, the lowest robust fraction among the images it ran on
-                score: float | None = float(sum(rec["correct"]))
-                if cascade:
-                    score = sum(sub["correct"]) / len(rows) if rows else None
+                score = _grid_score(rec, cascade)
                 if score is not None and (best is None or score < best):
                     best, strongest = score, plan.spec
-        return {
-            "index": index,
-            "labels": y.tolist(),
-            "clean_correct": clean_ok.tolist(),
-            "attacked": attacked.tolist(),
-            "clean_entropy": clean_res.entropy.tolist(),
-            "clean_step_entropy_sum": clean_res.step_entropy[:, idx].sum(1).tolist(),
-            "clean_undefended_step_entropy_sum": und[:, idx].sum(1).tolist(),
-            "attacks": records,
-            **({} if sanity is None else {"sanity": sanity}),
-        }
+            if checkpoint is not None and a >= len(records) - 1 and a + 1 < len(self.plans):
+                checkpoint(record_of(partial=True))
+        return record_of(partial=False)
+
+    def _attack_record(
+        self,
+        plan: AttackPlan,
+        a: int,
+        index: int,
+        xs: Tensor,
+        ys: Tensor,
+        zc: Tensor,
+        idx_list: list[int],
+        live: Tensor,
+        base: dict[str, list[Any]],
+        empty: dict[str, list[float]],
+        strongest: IntermediateSpec | None,
+        batch: int,
+    ) -> dict[str, Any]:
+        """One attack's record over the batch (``batch`` images): on the attacked images
+        (``xs``, ``ys``, clean states ``zc``; batch positions ``idx_list``), or under a cascade
+        on those still ``live`` [len(idx_list)] in the attack's family."""
+        t0 = time.perf_counter()
+        cascade = self.config.cascade
+        if cascade:  # only the images every earlier attack of the family left correct
+            pos = live.nonzero().flatten()
+            rows = [idx_list[j] for j in pos.tolist()]
+            sel = pos.to(xs.device)
+            xa, ya, za = xs[sel], ys[sel], zc[:, sel]
+        else:
+            rows, xa, ya, za = idx_list, xs, ys, zc
+        if rows:
+            seed_a = self._seed_index.get(plan.name, a)
+            x_adv = self._attack(plan, seed_a, index, xa, ya, strongest)
+            if (x_adv - xa).abs().max() > self.config.eps + 1e-6:  # never report invalid
+                raise RuntimeError(f"{plan.name} left the eps-ball")
+            sub = self._record(x_adv, ya, za)
+        else:
+            sub = {"correct": [], "entropy": [], **empty}
+        sub["seconds"] = time.perf_counter() - t0
+        rec = self._scatter(sub, rows, base)
+        if cascade:
+            ran = set(rows)
+            for i in idx_list:  # fooled by an earlier attack of the family: not robust
+                if i not in ran:
+                    rec["correct"][i] = False
+            rec["ran"] = [i in ran for i in range(batch)]
+        return rec
 
     # ------------------------------------------------------------------ driving
     def _fingerprint(self) -> dict[str, Any]:
@@ -419,13 +473,17 @@ class AuditRunner:
         state_path: str | os.PathLike[str] | None = None,
         store: AuditStore | None = None,
         shard: tuple[int, int] | None = None,
+        checkpoint_attacks: bool = False,
     ) -> dict[str, Any]:
         """Run (or resume) the audit and return the report (rank 0 under sharding; other
         ranks return their partial report). Raises AuditCancelled after saving.
 
         Records persist through ``store``, or a :class:`StateFile` at ``state_path`` (one per
         rank under sharding); the report's ``elapsed_s`` is the compute time of every batch,
-        earlier sessions included."""
+        earlier sessions included. With ``checkpoint_attacks`` the store also gets the batch
+        in progress after every attack (a record marked ``partial``), so a stopped audit loses
+        at most the attack it was running, not the batch; the report counts finished batches
+        only."""
         rank, world = shard if shard is not None else _dist_shard()
         if store is None and state_path is not None:
             path = Path(state_path)
@@ -437,14 +495,28 @@ class AuditRunner:
         start = time.perf_counter()
         try:
             for b in mine:
-                if b in done:
+                resume = done.get(b)
+                if resume is not None and not resume.get("partial"):
                     continue
                 if should_cancel is not None and should_cancel():
                     raise AuditCancelled(f"cancelled before batch {b} ({len(done)} batches saved)")
                 if self.gate is not None:
                     self.gate.acquire()
                 t0 = time.perf_counter()
-                done[b] = self.run_batch(b, should_cancel)
+
+                def checkpoint(
+                    rec: dict[str, Any], b: int = b, t0: float = t0, before: float = compute_s
+                ) -> None:
+                    done[b] = rec
+                    if store is not None:
+                        store.save(done, before + time.perf_counter() - t0)
+
+                done[b] = self.run_batch(
+                    b,
+                    should_cancel,
+                    resume=resume,
+                    checkpoint=checkpoint if checkpoint_attacks and store is not None else None,
+                )
                 if self.gate is not None:
                     self.gate.release()  # no device work until the next acquire
                 compute_s += time.perf_counter() - t0
@@ -509,6 +581,7 @@ class AuditRunner:
         return out
 
     def report(self, records: list[dict[str, Any]], elapsed_s: float = 0.0) -> dict[str, Any]:
+        records = [r for r in records if not r.get("partial")]  # a batch in progress: not yet
         cfg = self.config
         non_standard = self.non_standard()
         notes = list(non_standard)

@@ -177,3 +177,13 @@ def test_a_cascade_audit_counts_each_family_per_sample_not_its_cumulative_rows(t
     # PGD-10 at z[N] = z2 is the family's first attack: an exact single attack
     assert row.cells["pgd10"].correct == 2 and row.cells["pgd10"].attack == "pgd-z2-Ka1-lam1"
     assert row.cells["worst"].correct == 1
+
+
+def test_a_batch_in_progress_is_not_a_finished_batch(tmp_path) -> None:
+    d = _write_state(tmp_path, "a", LABELS, CLEAN, {"pgd-undefended": [True, False, True, False]})
+    state = json.loads((d / "state.json").read_text())
+    state["batches"]["1"]["partial"] = True  # the audit stopped during batch 1
+    (d / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="1 of 2 batches done"):
+        load_audit(d)
+    assert load_audit(d, allow_partial=True).n == 2

@@ -329,6 +329,53 @@ def test_cancel_and_resume_give_the_uninterrupted_result(model, data, tmp_path) 
         AuditRunner(_cfg(seed=1), model=model, images=x, labels=y).run(state_path=state)
 
 
+@pytest.mark.parametrize("cascade", [False, True])
+def test_a_stop_mid_batch_resumes_after_the_last_finished_attack(
+    model, data, tmp_path, cascade
+) -> None:
+    """With checkpoint_attacks, a stop during batch 1's third attack keeps its first two: the
+    resumed audit runs only the rest and reports what an uninterrupted run reports."""
+    x, y = data
+    cfg = _cfg(cascade=cascade, attack_misclassified=True)  # every image: every attack runs
+    full = AuditRunner(cfg, model=model, images=x, labels=y).run()
+    state = tmp_path / "state.json"
+    runner = AuditRunner(cfg, model=model, images=x, labels=y)
+    ran: list[tuple[int, str]] = []
+    real = runner._attack
+
+    def attack(plan, a, index, *args):
+        ran.append((index, plan.name))
+        return real(plan, a, index, *args)
+
+    runner._attack = attack  # type: ignore[method-assign]
+    polls = iter(range(1000))  # should_cancel is polled before each batch and attack
+    stop_at = 1 + 4 + 1 + 3  # batch 0 (1 + 4 attacks), batch 1 (1 + its first 2 attacks)
+    with pytest.raises(AuditCancelled):
+        runner.run(
+            should_cancel=lambda: next(polls) >= stop_at - 1,
+            state_path=state,
+            checkpoint_attacks=True,
+        )
+    if not cascade:  # (a cascade skips an attack with no survivors: fewer calls)
+        assert [i for i, _ in ran] == [0, 0, 0, 0, 1, 1]  # stopped before batch 1's third
+    saved = json.loads(state.read_text())["batches"]
+    assert "partial" not in saved["0"] and saved["1"]["partial"] is True
+    assert len(saved["1"]["attacks"]) == 2
+    assert runner.report(list(runner.load_state(state).values()))["batches"] == 1
+
+    again = AuditRunner(cfg, model=model, images=x, labels=y)
+    ran.clear()
+    real = again._attack
+    again._attack = attack  # type: ignore[method-assign]
+    resumed = again.run(state_path=state, checkpoint_attacks=True)
+    rest = [p.name for p in again.plans[2:]]
+    names = [n for _, n in ran]
+    assert {i for i, _ in ran} <= {1} and names == [n for n in rest if n in names]
+    if not cascade:
+        assert [n for _, n in ran] == rest  # only the attacks the stop left
+    assert _strip(resumed) == _strip(full)
+
+
 class _MemoryStore:
     """An AuditStore in memory (the service's is its SQLite job table)."""
 
