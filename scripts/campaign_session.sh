@@ -13,7 +13,7 @@
 #   worker of `scripts/campaign_finish.sh` straight away. So each core always has one job: a
 #   training run, or the audit queue of the runs that have finished.
 # stop: SIGTERM to the training runs (each finishes its step and writes its state) and the audits
-#   (only the attack in progress is lost: `deqguard audit` saves after every attack), then
+#   (about a minute and the attack in progress are lost: `deqguard audit` saves mid-batch), then
 #   copies training/state, docs/audits, model_store and docs/training-curves.png back here,
 #   redraws the curves, prints the progress and removes the worktree. Nothing is committed:
 #   the session adds its row to docs/TRAINING.md and commits.

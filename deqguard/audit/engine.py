@@ -474,6 +474,7 @@ class AuditRunner:
         store: AuditStore | None = None,
         shard: tuple[int, int] | None = None,
         checkpoint_attacks: bool = False,
+        checkpoint_every_s: float = 60.0,
     ) -> dict[str, Any]:
         """Run (or resume) the audit and return the report (rank 0 under sharding; other
         ranks return their partial report). Raises AuditCancelled after saving.
@@ -481,9 +482,10 @@ class AuditRunner:
         Records persist through ``store``, or a :class:`StateFile` at ``state_path`` (one per
         rank under sharding); the report's ``elapsed_s`` is the compute time of every batch,
         earlier sessions included. With ``checkpoint_attacks`` the store also gets the batch
-        in progress after every attack (a record marked ``partial``), so a stopped audit loses
-        at most the attack it was running, not the batch; the report counts finished batches
-        only."""
+        in progress after an attack (a record marked ``partial``; at most every
+        ``checkpoint_every_s``, since each save rewrites the whole state), so a stopped audit
+        loses about that much and the attack it was running, not the batch; the report counts
+        finished batches only."""
         rank, world = shard if shard is not None else _dist_shard()
         if store is None and state_path is not None:
             path = Path(state_path)
@@ -505,11 +507,17 @@ class AuditRunner:
                 t0 = time.perf_counter()
 
                 def checkpoint(
-                    rec: dict[str, Any], b: int = b, t0: float = t0, before: float = compute_s
+                    rec: dict[str, Any],
+                    b: int = b,
+                    t0: float = t0,
+                    before: float = compute_s,
+                    last: list[float] = [t0],  # noqa: B006  (one list per batch, by design)
                 ) -> None:
-                    done[b] = rec
-                    if store is not None:
-                        store.save(done, before + time.perf_counter() - t0)
+                    now = time.perf_counter()
+                    if store is not None and now - last[0] >= checkpoint_every_s:
+                        done[b] = rec
+                        store.save(done, before + now - t0)
+                        last[0] = now
 
                 done[b] = self.run_batch(
                     b,

@@ -355,6 +355,7 @@ def test_a_stop_mid_batch_resumes_after_the_last_finished_attack(
             should_cancel=lambda: next(polls) >= stop_at - 1,
             state_path=state,
             checkpoint_attacks=True,
+            checkpoint_every_s=0.0,  # every attack
         )
     if not cascade:  # (a cascade skips an attack with no survivors: fewer calls)
         assert [i for i, _ in ran] == [0, 0, 0, 0, 1, 1]  # stopped before batch 1's third
@@ -367,7 +368,7 @@ def test_a_stop_mid_batch_resumes_after_the_last_finished_attack(
     ran.clear()
     real = again._attack
     again._attack = attack  # type: ignore[method-assign]
-    resumed = again.run(state_path=state, checkpoint_attacks=True)
+    resumed = again.run(state_path=state, checkpoint_attacks=True, checkpoint_every_s=0.0)
     rest = [p.name for p in again.plans[2:]]
     names = [n for _, n in ran]
     assert {i for i, _ in ran} <= {1} and names == [n for n in rest if n in names]
