@@ -36,8 +36,10 @@
 #
 # Environment: PY (default .venv/bin/python), WORKERS (2), N (images of the first three, 1000),
 # N_PAPER, N_ADAPTIVE, N_SQUARE (200 each), ONLY (one model name: only its audits),
-# LOCKS (/tmp/deqguard-campaign-locks), DEVICE (cpu), BATCH (64) and SUFFIX (appended to every
-# audit directory; an audit resumes only under the batch size it started with, so a GPU run with
+# LOCKS (/tmp/deqguard-campaign-locks), DEVICE (cpu), BATCH (128: a cascade's later attacks
+# run on a batch's survivors, which larger batches keep efficient; audits resume mid-batch, so
+# a larger batch risks no more at a session's end) and SUFFIX (appended to every audit
+# directory; an audit resumes only under the batch size it started with, so a GPU run with
 # large batches writes its own directories: DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,7 @@ N_ADAPTIVE=${N_ADAPTIVE:-200}
 N_SQUARE=${N_SQUARE:-200}
 LOCKS=${LOCKS:-/tmp/deqguard-campaign-locks}
 DEVICE=${DEVICE:-cpu}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-128}
 SUFFIX=${SUFFIX:-}
 export OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 ALL=(micro-trades micro-trades-ri)
