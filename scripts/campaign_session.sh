@@ -104,7 +104,10 @@ stop() {
         exit 1
     fi
     cp -r "$PINNED/training/state/." training/state/
-    cp -r "$PINNED/docs/audits/." docs/audits/
+    local d
+    for d in "$PINNED"/docs/audits/*/; do # the audits' directories only: docs/audits/README.md
+        [ -d "$d" ] && cp -r "$d" docs/audits/ # may have changed here during the session
+    done
     cp -r "$PINNED/model_store/." model_store/
     "$PY" -m training.curves "${RUNS[@]/#/training/state/}" --out docs/training-curves.png
     status

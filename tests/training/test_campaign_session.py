@@ -142,8 +142,13 @@ def test_start_chains_training_into_audits_and_stop_brings_everything_back(scrat
     status = _session(repo, tmp_path, "status")
     assert status.stdout.count("running: ") == 2, status.stdout
 
+    (repo / "docs" / "audits" / "README.md").write_text("edited during the session\n")
+    (tmp_path / "pinned" / "docs" / "audits" / "a-run").mkdir()  # an audit's directory
+    (tmp_path / "pinned" / "docs" / "audits" / "a-run" / "state.json").write_text("{}")
     stopped = _session(repo, tmp_path, "stop")
     assert stopped.returncode == 0, stopped.stderr
+    assert (repo / "docs" / "audits" / "README.md").read_text() == "edited during the session\n"
+    assert (repo / "docs" / "audits" / "a-run" / "state.json").read_text() == "{}"
     assert not (tmp_path / "pinned").exists()
     state = json.loads((repo / "training/state/campaign-micro-trades/state.json").read_text())
     assert state["finished"] is True  # the pinned worktree's state came back
