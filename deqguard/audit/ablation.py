@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ _HEADERS = {
     "adaptive": "strongest adaptive attack",
     "worst": "per-sample worst case (95% CI)",
 }
-_ADAPTIVE_GRADS = ("bpda", "exact", "none", "source-model")
 _SINGLE_ATTACK = ("pgd10", "intermediate", "adaptive")  # a column of its strongest attack
 _FAMILY_COLUMNS = ("intermediate", "adaptive")  # one attack family each (attack_family)
 
@@ -162,11 +161,10 @@ def load_audit(path: str | Path, allow_partial: bool = False) -> AuditRecords:
 def columns_of(attack: AttackOutcome, steps: int) -> tuple[str, ...]:
     """The single-attack columns an attack counts in besides ``worst`` (PGD-10 on an Eq. 11
     surrogate at z[N] is also an intermediate-state attack)."""
-    if attack.grad in _ADAPTIVE_GRADS:
-        return ("adaptive",)
-    if attack.kind in ("autoattack", "apgd-ce", "apgd-t"):
-        return ("autoattack",)
-    if attack.kind != "pgd" or attack.grad not in ("undefended", "eq11"):
+    family = attack_family(attack.kind, attack.grad)
+    if family in ("adaptive", "autoattack"):
+        return (family,)
+    if attack.kind != "pgd":
         return ()
     final = attack.grad == "undefended" or (
         attack.spec is not None and IntermediateSpec.parse(attack.spec).i == steps
@@ -283,12 +281,11 @@ def build_row(label: str, audits: Sequence[AuditRecords]) -> AblationRow:
         if col in _FAMILY_COLUMNS:
             for audit in {o.audit for o in by_column[col] if o.cumulative}:
                 members = [o for o in by_column[col] if o.audit == audit]
-                m = members[0].correct.numel()  # the images that audit covered
-                robust = clean[:m].clone()
-                for o in members:
-                    robust &= o.correct
+                covered = clean[: members[0].correct.numel()]  # the images that audit covered
                 what = f"per sample over its {len(members)} attacks (cascade)"
-                candidates.append(Cell(int(robust.sum()), m, what, audit))
+                cell = _per_sample(members, covered, what)
+                assert cell is not None
+                candidates.append(replace(cell, audit=audit))
         if candidates:
             cells[col] = min(candidates, key=lambda c: (c.correct, -c.n))
     aa = _per_sample(by_column["autoattack"], clean, "per sample over its attacks")

@@ -83,6 +83,25 @@ def _seed(*parts: int) -> int:
     return h
 
 
+class _PartialSaver:
+    """``run_batch``'s checkpoint: saves batch ``index``'s partial record with the others, at
+    most every ``every_s`` (each save rewrites the whole state)."""
+
+    def __init__(
+        self, store: AuditStore, done: dict[int, Any], index: int, before_s: float, every_s: float
+    ) -> None:
+        self.store, self.done, self.index = store, done, index
+        self.before_s, self.every_s = before_s, every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.done[self.index] = record
+            self.store.save(self.done, self.before_s + now - self.start)
+            self.last = now
+
+
 def _grid_score(rec: dict[str, Any], cascade: bool) -> float | None:
     """How strong one grid attack was on its batch (lower: stronger): its robust count, or
     under a cascade its robust fraction among the images it ran on (None: it ran on none)."""
@@ -505,26 +524,12 @@ class AuditRunner:
                 if self.gate is not None:
                     self.gate.acquire()
                 t0 = time.perf_counter()
-
-                def checkpoint(
-                    rec: dict[str, Any],
-                    b: int = b,
-                    t0: float = t0,
-                    before: float = compute_s,
-                    last: list[float] = [t0],  # noqa: B006  (one list per batch, by design)
-                ) -> None:
-                    now = time.perf_counter()
-                    if store is not None and now - last[0] >= checkpoint_every_s:
-                        done[b] = rec
-                        store.save(done, before + now - t0)
-                        last[0] = now
-
-                done[b] = self.run_batch(
-                    b,
-                    should_cancel,
-                    resume=resume,
-                    checkpoint=checkpoint if checkpoint_attacks and store is not None else None,
+                checkpoint = (
+                    _PartialSaver(store, done, b, compute_s, checkpoint_every_s)
+                    if checkpoint_attacks and store is not None
+                    else None
                 )
+                done[b] = self.run_batch(b, should_cancel, resume=resume, checkpoint=checkpoint)
                 if self.gate is not None:
                     self.gate.release()  # no device work until the next acquire
                 compute_s += time.perf_counter() - t0

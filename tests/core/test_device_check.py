@@ -24,26 +24,27 @@ def _module():  # type: ignore[no-untyped-def]
     return mod
 
 
+def _dry_run(tmp_path: Path, images, labels, *args: str) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+    """device_check on the CPU, small, on these images: (exit code, its JSON results)."""
+    npz = tmp_path / "images.npz"
+    np.savez(npz, images=images, labels=labels)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--device", "cpu", "--small", "--images", str(npz), *args]
+    rc = _module().main(argv)
+    return rc, json.loads((out / "device_check.json").read_text())
+
+
 def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
     split = load_test(n=16)
-    npz = tmp_path / "test16.npz"
-    np.savez(npz, images=split.images.numpy(), labels=split.labels.numpy())
-    rc = _module().main(
-        [
-            "--out",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-            "--small",
-            "--images",
-            str(npz),
-            "--sections",
-            "env,parity,bf16",
-            "--models",
-            "micro-trades-ri",
-        ]
+    rc, results = _dry_run(
+        tmp_path,
+        split.images.numpy(),
+        split.labels.numpy(),
+        "--sections",
+        "env,parity,bf16",
+        "--models",
+        "micro-trades-ri",
     )
-    results = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert rc == 0, results
     assert set(results) == {"env", "parity", "bf16"}
     assert results["bf16"]["skipped"].startswith("bf16 autocast is checked on CUDA only")
@@ -59,21 +60,7 @@ def test_dry_run_on_cpu_records_every_section_it_ran(tmp_path: Path) -> None:
 
 def test_a_failing_section_is_recorded_and_the_run_fails(tmp_path: Path) -> None:
     split = load_test(n=4)
-    npz = tmp_path / "bad.npz"
-    np.savez(npz, images=split.images.numpy()[:, :1], labels=split.labels.numpy())  # 1 channel
-    rc = _module().main(
-        [
-            "--out",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-            "--small",
-            "--images",
-            str(npz),
-            "--sections",
-            "env,parity",
-        ]
-    )
-    results = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    bad = split.images.numpy()[:, :1]  # 1 channel
+    rc, results = _dry_run(tmp_path, bad, split.labels.numpy(), "--sections", "env,parity")
     assert rc == 1
     assert "error" in results["parity"] and "env" in results and "error" not in results["env"]
