@@ -23,24 +23,55 @@ REPO=$PWD
 PINNED=${PINNED:-$(dirname "$REPO")/pinned}
 PY=${PY:-$REPO/.venv/bin/python}
 RUNS=(campaign-micro-trades campaign-micro-trades-ri)
+SINCE=.campaign-session.json # in $PINNED: when this session started, each run's step then
 
 finished() { # run directory -> exit 0 when its state.json says finished
     "$PY" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('finished') else 1)" \
         "$1/state.json" 2>/dev/null
 }
 
-progress() { # run directory -> one line: step, finished, last and best validation
-    "$PY" - "$1" <<'EOF'
+progress() { # run directory [session-start file] -> one line: step, rate, ETA, validation
+    "$PY" - "$1" "${2:-}" <<'EOF'
 import json, sys
 from pathlib import Path
-d = Path(sys.argv[1])
+d, since = Path(sys.argv[1]), sys.argv[2]
 s = json.loads((d / "state.json").read_text())
-vals = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if '"val_pgd"' in l]
+rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+vals = [r for r in rows if "val_pgd" in r]
 last = vals[-1] if vals else {}
 best = max(vals, key=lambda v: (v["val_pgd"], v["val_clean"])) if vals else {}
 fmt = lambda v: f"{v['val_clean']:.1%} / {v['val_pgd']:.1%} at {v['step']:,}" if v else "-"
-print(f"{d.name}: step {s['step']:,}, finished {s.get('finished', False)}; "
+first = json.loads(Path(since).read_text()).get(d.name, s["step"]) if since else None
+# the rate over this session's logged training steps (elapsed_s counts training time only)
+steps = [r for r in rows if "elapsed_s" in r and (first is None or r["step"] > first)][-200:]
+rate = ""
+if len(steps) >= 2 and steps[-1]["elapsed_s"] > steps[0]["elapsed_s"]:
+    per_h = 3600 * (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
+    left = s.get("total_steps", s["step"]) - s["step"]
+    rate = f", {per_h:.0f} steps/h" + (f" (about {left / per_h:.1f} h to go)" if left > 0 and per_h > 0 else "")
+session = f" (this session from {first:,})" if first is not None else ""
+print(f"{d.name}: step {s['step']:,}{session}, finished {s.get('finished', False)}{rate}; "
       f"last val {fmt(last)}; best by PGD-10 {fmt(best)}")
+EOF
+}
+
+draft_row() { # session-start file -> a draft of the session's row in docs/TRAINING.md's table
+    "$PY" - "$1" "$REPO/training/state" "${RUNS[@]}" <<'EOF'
+import json, platform, sys, time
+from pathlib import Path
+since = json.loads(Path(sys.argv[1]).read_text())
+root, runs = Path(sys.argv[2]), sys.argv[3:]
+cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")), platform.processor() or "?")
+cells = []
+for run in runs:
+    s = json.loads((root / run / "state.json").read_text())
+    cells.append(f"{since.get(run, s['step']):,} -> {s['step']:,}")
+for run in runs:
+    vals = [json.loads(l) for l in (root / run / "metrics.jsonl").read_text().splitlines() if '"val_pgd"' in l]
+    v = vals[-1] if vals else None
+    cells.append(f"{v['val_clean']:.1%} / {v['val_pgd']:.1%} ({v['step']:,})" if v else "-")
+print(f"| {since['utc']}-{time.strftime('%H:%M', time.gmtime())} ({cpu}) | " + " | ".join(cells) + " | (rates; what shared the cores) |")
 EOF
 }
 
@@ -53,6 +84,12 @@ start() {
     fi
     git worktree add --detach "$PINNED" HEAD
     ln -s "$REPO/.venv" "$PINNED/.venv"
+    "$PY" - "$PINNED/$SINCE" "${RUNS[@]/#/$PINNED/training/state/}" <<'EOF' # the session's first steps
+import json, sys, time
+from pathlib import Path
+steps = {Path(d).name: json.loads((Path(d) / "state.json").read_text())["step"] for d in sys.argv[2:]}
+Path(sys.argv[1]).write_text(json.dumps({"utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), **steps}))
+EOF
     cd "$PINNED"
     local n
     for n in "${RUNS[@]}"; do
@@ -111,15 +148,20 @@ stop() {
     cp -r "$PINNED/model_store/." model_store/
     "$PY" -m training.curves "${RUNS[@]/#/training/state/}" --out docs/training-curves.png
     status
+    if [ -f "$PINNED/$SINCE" ]; then
+        echo "draft row for docs/TRAINING.md's progress table:"
+        draft_row "$PINNED/$SINCE"
+    fi
     git worktree remove --force "$PINNED"
-    echo "now: add the session's row to docs/TRAINING.md, then"
+    echo "now: complete that row in docs/TRAINING.md, then"
     echo "git add training/state docs/audits model_store docs/training-curves.png docs/TRAINING.md && git commit"
 }
 
 status() {
-    local root=$REPO n pid
+    local root=$REPO n pid since=
     [ -d "$PINNED" ] && root=$PINNED
-    for n in "${RUNS[@]}"; do progress "$root/training/state/$n"; done
+    [ -f "$PINNED/$SINCE" ] && since=$PINNED/$SINCE
+    for n in "${RUNS[@]}"; do progress "$root/training/state/$n" "$since"; done
     [ -d "$PINNED" ] || return 0
     for pid in $(in_pinned "$JOBS"); do
         tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q '^bash -c' && continue # a chain's shell

@@ -70,10 +70,12 @@ def _repo(tmp: Path, finished: dict[str, bool]) -> Path:
         (repo / "training" / "configs" / f"{run}.toml").write_text("")
         state = repo / "training" / "state" / run
         state.mkdir(parents=True)
-        (state / "state.json").write_text(json.dumps({"step": 10, "finished": finished[run]}))
-        (state / "metrics.jsonl").write_text(
-            json.dumps({"step": 5, "val_clean": 0.5, "val_pgd": 0.25}) + "\n"
+        (state / "state.json").write_text(
+            json.dumps({"step": 10, "total_steps": 14060, "finished": finished[run]})
         )
+        logged = [{"step": 2, "elapsed_s": 0.0}, {"step": 5, "val_clean": 0.5, "val_pgd": 0.25}]
+        logged.append({"step": 8, "elapsed_s": 7200.0})  # 6 steps in 2 h of training
+        (state / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
         store = repo / "model_store" / run.removeprefix("campaign-")
         store.mkdir(parents=True)
         (store / "manifest.json").write_text(json.dumps({"version": 1}))
@@ -141,12 +143,15 @@ def test_start_chains_training_into_audits_and_stop_brings_everything_back(scrat
     assert text.count("deqguard.cli audit") == 2  # one worker per core, no duplicate
     status = _session(repo, tmp_path, "status")
     assert status.stdout.count("running: ") == 2, status.stdout
+    assert "step 10 (this session from 10)" in status.stdout, status.stdout
 
     (repo / "docs" / "audits" / "README.md").write_text("edited during the session\n")
     (tmp_path / "pinned" / "docs" / "audits" / "a-run").mkdir()  # an audit's directory
     (tmp_path / "pinned" / "docs" / "audits" / "a-run" / "state.json").write_text("{}")
     stopped = _session(repo, tmp_path, "stop")
     assert stopped.returncode == 0, stopped.stderr
+    # the draft of the session's progress row: each run's steps from the start to the stop
+    assert "| 10 -> 14,060 | 10 -> 10 | 50.0% / 25.0% (5) | 50.0% / 25.0% (5) |" in stopped.stdout
     assert (repo / "docs" / "audits" / "README.md").read_text() == "edited during the session\n"
     assert (repo / "docs" / "audits" / "a-run" / "state.json").read_text() == "{}"
     assert not (tmp_path / "pinned").exists()
@@ -166,3 +171,12 @@ def test_start_refuses_while_a_pinned_worktree_exists(scratch: Path) -> None:
     started = _session(repo, tmp_path, "start")
     assert started.returncode == 1
     assert "stop first" in started.stderr
+
+
+def test_status_reports_the_rate_and_what_is_left(scratch: Path) -> None:
+    repo = _repo(scratch, {r: False for r in RUNS})
+    status = _session(repo, scratch, "status")  # no session started: the logged steps' rate
+    assert status.returncode == 0, status.stderr
+    assert "campaign-micro-trades: step 10, finished False, 3 steps/h (about 4683.3 h to go)" in (
+        status.stdout
+    ), status.stdout
