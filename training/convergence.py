@@ -1,0 +1,195 @@
+"""How close a run's solver gets to a fixed point, and how accurate each state on the way is.
+
+Why: the served prediction is the head at z[N]; it means what a DEQ promises (a fixed point of
+f, which more solver steps would not change) only if the dynamics converge, and the paper's
+Sec. 3.3 loss claims to make every intermediate state accurate. Both are measured in seconds on
+clean validation images (never the test set), for a run's current state, its validation-selected
+weights and, with ``--history``, every snapshot of its state committed to git (one per session),
+so the two campaign runs can be compared along their training.
+
+Usage::
+
+    python -m training.convergence training/state/campaign-micro-trades \
+        training/state/campaign-micro-trades-ri --history --n 256 --json docs/convergence.json
+
+Per checkpoint: accuracy at every solver step z[1..N] (Broyden, the run's N), the relative
+residual ||f(z) - z|| / ||f(z)|| at z[N] (median, 90th percentile, fraction under the solver's
+tolerance), and after ``--long-steps`` steps (does a fixed point exist, and does the prediction
+change past N?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from deqguard.configs import SolverConfig
+from deqguard.data import load_cifar10, train_val_split
+from deqguard.dynamics import deq_forward
+from deqguard.models import MDEQClassifier
+from training.checkpoint import BEST_JSON, BEST_WEIGHTS, STATE_JSON, STATE_WEIGHTS
+from training.evaluate import load_run_model
+
+__all__ = ["DynamicsStats", "dynamics_stats", "main"]
+
+
+@dataclass(frozen=True)
+class DynamicsStats:
+    """Clean-image dynamics of one checkpoint (fractions in [0, 1]).
+
+    step_acc[t] is the accuracy of the head at z[t + 1], t = 0..N-1 (step_acc[-1] is the served
+    prediction's); residual_* are relative residuals at z[N]; long_* after ``long_steps``.
+    """
+
+    n: int
+    steps: int
+    step_acc: list[float]
+    residual_median: float
+    residual_p90: float
+    converged: float
+    long_steps: int
+    long_acc: float
+    long_residual_median: float
+    long_agreement: float  # fraction whose prediction at z[long_steps] equals the one at z[N]
+
+
+def dynamics_stats(
+    model: MDEQClassifier,
+    images: Tensor,
+    labels: Tensor,
+    solver: SolverConfig,
+    *,
+    long_steps: int = 30,
+    batch_size: int = 128,
+) -> DynamicsStats:
+    """Solve every batch of ``images`` [B, 3, 32, 32] (in [0, 1]) for N and ``long_steps`` steps."""
+    model.eval()
+    accs, residuals, long_res, long_hits, agree = [], [], [], [], []
+    long_solver = SolverConfig(**{**asdict(solver), "max_steps": long_steps})
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+            short = deq_forward(model, x, solver)
+            assert short.step_logits is not None and short.residuals is not None
+            accs.append((short.step_logits.argmax(-1) == y).float().sum(1))  # [N]
+            residuals.append(short.residuals[-1])
+            long = deq_forward(model, x, long_solver, record=False)
+            long_res.append(long.final_residual)
+            pred = long.logits.argmax(-1)
+            long_hits.append((pred == y).float().sum())
+            agree.append((pred == short.logits.argmax(-1)).float().sum())
+    n = len(images)
+    res, lres = torch.cat(residuals), torch.cat(long_res)
+    return DynamicsStats(
+        n=n,
+        steps=solver.max_steps,
+        step_acc=[round(v / n, 4) for v in torch.stack(accs).sum(0).tolist()],
+        residual_median=round(res.median().item(), 4),
+        residual_p90=round(res.quantile(0.9).item(), 4),
+        converged=round((res <= solver.tol).float().mean().item(), 4),
+        long_steps=long_steps,
+        long_acc=round(torch.stack(long_hits).sum().item() / n, 4),
+        long_residual_median=round(lres.median().item(), 4),
+        long_agreement=round(torch.stack(agree).sum().item() / n, 4),
+    )
+
+
+def _git(cwd: Path, *args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True).stdout
+
+
+def committed_snapshots(run_dir: Path) -> list[tuple[str, Path]]:
+    """(commit, temporary run directory) of every committed version of the run's state, oldest
+    first; the caller deletes the directories' parent (``_SNAPSHOTS``)."""
+    top = Path(_git(run_dir, "rev-parse", "--show-toplevel").decode().strip())
+    rel = run_dir.resolve().relative_to(top.resolve())
+    revs = _git(top, "log", "--format=%H", "--", str(rel / STATE_WEIGHTS)).decode().split()
+    out = []
+    for rev in reversed(revs):
+        d = Path(tempfile.mkdtemp(dir=_SNAPSHOTS.name, prefix=rev[:7] + "-"))
+        for name in (STATE_WEIGHTS, STATE_JSON, "config.json"):
+            (d / name).write_bytes(_git(top, "show", f"{rev}:{rel / name}"))
+        out.append((rev[:7], d))
+    return out
+
+
+_SNAPSHOTS = tempfile.TemporaryDirectory(prefix="deqguard-convergence-")
+
+
+def _model(run_dir: Path, which: str) -> tuple[MDEQClassifier, int, SolverConfig]:
+    """The run's model (``best`` or ``last`` weights), its step and its training solver."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    model, meta = load_run_model(run_dir, which)
+    return (
+        model,
+        int(meta["step"]),
+        SolverConfig(name=cfg["solver"], max_steps=int(cfg["solver_steps"])),
+    )
+
+
+def _row(run: str, weights: str, step: int, s: DynamicsStats) -> str:
+    acc = " / ".join(f"{100 * a:.1f}" for a in s.step_acc)
+    return (
+        f"| {run} | {weights} | {step:,} | {acc} | {s.residual_median:.3f} | {s.residual_p90:.3f}"
+        f" | {100 * s.converged:.0f}% | {100 * s.long_acc:.1f}% | {s.long_residual_median:.3f}"
+        f" | {100 * s.long_agreement:.1f}% |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.convergence", description=__doc__)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (training/state/<name>)")
+    p.add_argument("--n", type=int, default=256, help="first n validation images")
+    p.add_argument("--long-steps", type=int, default=30)
+    p.add_argument("--history", action="store_true", help="also every committed state snapshot")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        if not (run / BEST_JSON).exists() and not (run / STATE_JSON).exists():
+            p.error(f"'{run}' holds no checkpoint ({BEST_WEIGHTS} or {STATE_WEIGHTS})")
+    _, val = train_val_split(load_cifar10(train=True))
+    val = val.head(args.n)
+    x, y = val.float_images(), val.labels
+    print(
+        f"first {args.n} validation images, clean; accuracy at z[1..N]; residual at z[N]"
+        f" (median, p90, share under tol); after {args.long_steps} steps: accuracy, median"
+        " residual, same prediction as z[N]\n"
+    )
+    print(
+        "| run | weights | step | accuracy at z[1..N] (%) | res. median | res. p90 | converged"
+        f" | acc. z[{args.long_steps}] | res. z[{args.long_steps}] | agrees |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    records = []
+    for run in args.runs:
+        points: list[tuple[str, Path, str]] = []
+        if args.history:
+            points += [(f"state @ {rev}", d, "last") for rev, d in committed_snapshots(run)]
+        points += [("state (now)", run, "last"), ("best", run, "best")]
+        seen: set[tuple[int, str]] = set()
+        for label, where, which in points:
+            model, step, solver = _model(where, which)
+            key = (step, which)
+            if key in seen:  # the working tree's state is its last commit's
+                continue
+            seen.add(key)
+            stats = dynamics_stats(model, x, y, solver, long_steps=args.long_steps)
+            print(_row(run.name, label, step, stats), flush=True)
+            records.append({"run": run.name, "weights": label, "step": step, **asdict(stats)})
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
