@@ -27,6 +27,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +39,7 @@ from deqguard.models import MDEQClassifier
 from training.checkpoint import BEST_JSON, BEST_WEIGHTS, STATE_JSON, STATE_WEIGHTS
 from training.evaluate import load_run_model
 
-__all__ = ["DynamicsStats", "dynamics_stats", "main"]
+__all__ = ["DynamicsStats", "dynamics_stats", "main", "plot_records"]
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,67 @@ def _row(run: str, weights: str, step: int, s: DynamicsStats) -> str:
     )
 
 
+def plot_records(records: list[dict[str, Any]], out: Path) -> Path:
+    """Residual at z[N] and after the long solve (log scale), and the accuracy at z[N], against
+    the training step, one line per run (the ``state`` points; ``best`` is marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for run in dict.fromkeys(r["run"] for r in records):
+        pts = sorted(
+            (r for r in records if r["run"] == run and r["weights"] != "best"),
+            key=lambda r: r["step"],
+        )
+        steps = [r["step"] for r in pts]
+        (line,) = top.plot(steps, [r["residual_median"] for r in pts], "o-", label=f"{run}, z[N]")
+        top.plot(
+            steps,
+            [r["long_residual_median"] for r in pts],
+            "x:",
+            color=line.get_color(),
+            label=f"{run}, after the long solve",
+        )
+        bottom.plot(
+            steps, [100 * r["step_acc"][-1] for r in pts], "o-", color=line.get_color(), label=run
+        )
+        for r in records:
+            if r["run"] == run and r["weights"] == "best":
+                bottom.plot(
+                    [r["step"]], [100 * r["step_acc"][-1]], "*", ms=12, color=line.get_color()
+                )
+    top.set_yscale("log")
+    top.set_ylabel("median relative residual")
+    top.legend(fontsize=7)
+    bottom.set_ylabel("clean accuracy at z[N] (%)")
+    bottom.set_xlabel("training step (star: the selected weights)")
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.convergence", description=__doc__)
-    p.add_argument("runs", nargs="+", type=Path, help="run directories (training/state/<name>)")
+    p.add_argument("runs", nargs="*", type=Path, help="run directories (training/state/<name>)")
     p.add_argument("--n", type=int, default=256, help="first n validation images")
     p.add_argument("--long-steps", type=int, default=30)
     p.add_argument("--history", action="store_true", help="also every committed state snapshot")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--plot", type=Path, default=None, help="draw them into this PNG")
+    p.add_argument("--from-json", type=Path, default=None, help="only redraw --plot from a --json")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        if args.plot is None:
+            p.error("--from-json needs --plot")
+        plot_records(json.loads(args.from_json.read_text()), args.plot)
+        return 0
+    if not args.runs:
+        p.error("name at least one run directory")
     torch.set_num_threads(args.threads)
     for run in args.runs:
         if not (run / BEST_JSON).exists() and not (run / STATE_JSON).exists():
@@ -188,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"run": run.name, "weights": label, "step": step, **asdict(stats)})
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if args.plot is not None:
+        plot_records(records, args.plot)
     return 0
 
 

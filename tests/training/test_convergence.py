@@ -77,7 +77,11 @@ def test_history_reads_every_committed_state(tmp_path: Path) -> None:
         _git(tmp_path / "repo", "add", "-A")
         _git(tmp_path / "repo", "commit", "-qm", f"step {step}")
     out = tmp_path / "c.json"
-    assert main([str(run), "--history", "--n", "6", "--long-steps", "5", "--json", str(out)]) == 0
+    argv = [str(run), "--history", "--n", "6", "--long-steps", "5", "--json", str(out)]
+    assert main([*argv, "--plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--from-json", str(out), "--plot", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 1000
     records = json.loads(out.read_text())
     # both commits, oldest first; the working tree's state is the last commit's (not repeated)
     assert [(r["weights"].split(" @ ")[0], r["step"]) for r in records] == [
