@@ -42,8 +42,9 @@ last = vals[-1] if vals else {}
 best = max(vals, key=lambda v: (v["val_pgd"], v["val_clean"])) if vals else {}
 fmt = lambda v: f"{v['val_clean']:.1%} / {v['val_pgd']:.1%} at {v['step']:,}" if v else "-"
 first = json.loads(Path(since).read_text()).get(d.name, s["step"]) if since else None
-# the rate over this session's logged training steps (elapsed_s counts training time only)
-steps = [r for r in rows if "elapsed_s" in r and (first is None or r["step"] > first)][-200:]
+# the rate over the last 30 logged steps of this session (elapsed_s is training time, but a
+# SIGSTOP pause counts in it: a recent window keeps an earlier pause out)
+steps = [r for r in rows if "elapsed_s" in r and (first is None or r["step"] > first)][-30:]
 rate = ""
 if len(steps) >= 2 and steps[-1]["elapsed_s"] > steps[0]["elapsed_s"]:
     per_h = 3600 * (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
