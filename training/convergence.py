@@ -107,22 +107,19 @@ def _git(cwd: Path, *args: str) -> bytes:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True).stdout
 
 
-def committed_snapshots(run_dir: Path) -> list[tuple[str, Path]]:
-    """(commit, temporary run directory) of every committed version of the run's state, oldest
-    first; the caller deletes the directories' parent (``_SNAPSHOTS``)."""
+def committed_snapshots(run_dir: Path, into: Path) -> list[tuple[str, Path]]:
+    """(commit, run directory under ``into``) of every committed version of the run's state,
+    oldest first: each directory holds that commit's state pair and config."""
     top = Path(_git(run_dir, "rev-parse", "--show-toplevel").decode().strip())
     rel = run_dir.resolve().relative_to(top.resolve())
     revs = _git(top, "log", "--format=%H", "--", str(rel / STATE_WEIGHTS)).decode().split()
     out = []
     for rev in reversed(revs):
-        d = Path(tempfile.mkdtemp(dir=_SNAPSHOTS.name, prefix=rev[:7] + "-"))
+        d = Path(tempfile.mkdtemp(dir=into, prefix=rev[:7] + "-"))
         for name in (STATE_WEIGHTS, STATE_JSON, "config.json"):
             (d / name).write_bytes(_git(top, "show", f"{rev}:{rel / name}"))
         out.append((rev[:7], d))
     return out
-
-
-_SNAPSHOTS = tempfile.TemporaryDirectory(prefix="deqguard-convergence-")
 
 
 def _model(run_dir: Path, which: str) -> tuple[MDEQClassifier, int, SolverConfig]:
@@ -224,21 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     records = []
-    for run in args.runs:
-        points: list[tuple[str, Path, str]] = []
-        if args.history:
-            points += [(f"state @ {rev}", d, "last") for rev, d in committed_snapshots(run)]
-        points += [("state (now)", run, "last"), ("best", run, "best")]
-        seen: set[tuple[int, str]] = set()
-        for label, where, which in points:
-            model, step, solver = _model(where, which)
-            key = (step, which)
-            if key in seen:  # the working tree's state is its last commit's
-                continue
-            seen.add(key)
-            stats = dynamics_stats(model, x, y, solver, long_steps=args.long_steps)
-            print(_row(run.name, label, step, stats), flush=True)
-            records.append({"run": run.name, "weights": label, "step": step, **asdict(stats)})
+    with tempfile.TemporaryDirectory(prefix="deqguard-convergence-") as snapshots:
+        for run in args.runs:
+            points: list[tuple[str, Path, str]] = []
+            if args.history:
+                points += [
+                    (f"state @ {rev}", d, "last")
+                    for rev, d in committed_snapshots(run, Path(snapshots))
+                ]
+            points += [("state (now)", run, "last"), ("best", run, "best")]
+            seen: set[tuple[int, str]] = set()
+            for label, where, which in points:
+                model, step, solver = _model(where, which)
+                if (step, which) in seen:  # the working tree's state is its last commit's
+                    continue
+                seen.add((step, which))
+                stats = dynamics_stats(model, x, y, solver, long_steps=args.long_steps)
+                print(_row(run.name, label, step, stats), flush=True)
+                records.append({"run": run.name, "weights": label, "step": step, **asdict(stats)})
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     if args.plot is not None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.training._git import git as _git
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ("campaign-micro-trades", "campaign-micro-trades-ri")
 
@@ -47,15 +49,6 @@ elif [ "$2" = training.curves ]; then
     touch "${{@: -1}}"
 fi
 """
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-    )
 
 
 def _repo(tmp: Path, finished: dict[str, bool]) -> Path:

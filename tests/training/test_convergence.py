@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from deqguard.data import load_test
 from deqguard.dynamics import deq_forward
 from deqguard.models import build_model
 from deqguard.store import default_store_root, load_entry
+from tests.training._git import git as _git
 from training.checkpoint import write_best, write_state
 from training.convergence import dynamics_stats, main
 
@@ -44,15 +44,6 @@ def test_stats_match_the_models_own_residual_and_served_accuracy() -> None:
     assert stats.long_residual_median == pytest.approx(stats.residual_median, abs=2e-4)
     # batching changes nothing (per-sample dynamics)
     assert dynamics_stats(model, x, y, solver, long_steps=8, batch_size=24) == stats
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-    )
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
