@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "combine audits per sample into an ablation table (Markdown, JSON)",
     ),
+    "audit-status": (
+        "deqguard.audit.progress",
+        "main",
+        "how far resumable audits have got (batches, compute, time to go)",
+    ),
     "serve": ("service.cli", "main", "start the HTTP inference service"),
     "bench": ("deqguard.bench", "main", "run the throughput and memory benchmarks"),
 }

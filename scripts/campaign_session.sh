@@ -3,7 +3,7 @@
 # place (docs/TRAINING.md, "The campaign").
 #
 #   scripts/campaign_session.sh start    # first thing (runs `make setup` when .venv is missing)
-#   scripts/campaign_session.sh status   # steps, validation, audits running
+#   scripts/campaign_session.sh status   # steps, validation, audits' progress, jobs running
 #   scripts/campaign_session.sh stop     # ~15 minutes before the session ends; then commit
 #
 # start: a worktree pinned at HEAD ($PINNED, default ../pinned), so that the session's own commits
@@ -163,6 +163,9 @@ status() {
     [ -d "$PINNED" ] && root=$PINNED
     [ -f "$PINNED/$SINCE" ] && since=$PINNED/$SINCE
     for n in "${RUNS[@]}"; do progress "$root/training/state/$n" "$since"; done
+    # the audits still running or waiting mid-way: batches, compute, time to go, tallies so far
+    PYTHONPATH=$REPO "$PY" -m deqguard.cli audit-status --quiet --unfinished \
+        "$root"/docs/audits/*/ || true
     [ -d "$PINNED" ] || return 0
     for pid in $(in_pinned "$JOBS"); do
         tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q '^bash -c' && continue # a chain's shell
