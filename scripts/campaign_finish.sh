@@ -13,17 +13,20 @@
 #     WORKERS=1 nohup scripts/campaign_finish.sh > /tmp/campaign_finish.log 2>&1 &  # one run still trains
 #     nohup scripts/campaign_finish.sh > /tmp/campaign_finish.log 2>&1 &            # both finished
 #
-# Budgets (item 6; what each directory holds), in queue order (stage by stage, the models
-# interleaved), so that the ablation table's columns fill early:
-#   <m>@2-off-quick9-1000        undefended served prediction: PGD-10, APGD-CE, APGD-T 9 targets
-#                                (item 5's target check)
-#   <m>@2-paper-quick-1000       the paper defense: the same as transfer + BPDA APGD-T
-#   <m>@2-off-paper-1000         undefended: the 144-attack Eq. 11 grid + standard AutoAttack
-#                                (APGD-CE, APGD-T 9, FAB-T, Square 5,000)
-#   <m>@2-paper-paper-$N_PAPER       the paper defense: the 144-attack grid + standard AutoAttack
-#   <m>@2-paper-adaptive-$N_ADAPTIVE    through the defense: BPDA and exact APGD-CE (3 restarts),
-#                                APGD-T (3 targets), PGD-50 x 5 restarts; APGD transfer
-#   <m>@2-paper-square-$N_SQUARE     Square end to end, 1,000 queries
+# Budgets (item 6; what each directory holds), by stage; the queue runs stage by stage (the
+# models interleaved) in the order 1, 2, 5, 6, 4, 3, so that the worst case of each row of the
+# ablation table (undefended: stage 1; the paper defense: stages 2, 5 and 6) is known before
+# the two grid + AutoAttack audits fill the table's remaining columns; stage 3, the longest
+# (about 11 core-hours per model at 1,000 images, most of it Square's 5,000 queries), runs last:
+#   1 <m>@2-off-quick9-1000        undefended served prediction: PGD-10, APGD-CE, APGD-T 9
+#                                  targets (item 5's target check)
+#   2 <m>@2-paper-quick-1000       the paper defense: the same as transfer + BPDA APGD-T
+#   3 <m>@2-off-paper-1000         undefended: the 144-attack Eq. 11 grid + standard AutoAttack
+#                                  (APGD-CE, APGD-T 9, FAB-T, Square 5,000)
+#   4 <m>@2-paper-paper-$N_PAPER       the paper defense: the 144-attack grid + standard AutoAttack
+#   5 <m>@2-paper-adaptive-$N_ADAPTIVE    through the defense: BPDA and exact APGD-CE (3 restarts),
+#                                  APGD-T (3 targets), PGD-50 x 5 restarts; APGD transfer
+#   6 <m>@2-paper-square-$N_SQUARE     Square end to end, 1,000 queries
 # All but Square run as a cascade (--cascade: each attack only on the images every earlier
 # attack of its family left correct, as AutoAttack runs its four; fewer images per attack,
 # docs/TRAINING.md), so APGD-CE "then" APGD-T is item 5's protocol as written.
@@ -34,7 +37,7 @@
 # A worker claims an audit with flock on $LOCKS/<audit>.lock (so two workers, or a second copy
 # of this script, never run the same one) and logs to /tmp/campaign_finish-<audit>.log.
 #
-# Environment: PY (default .venv/bin/python), WORKERS (2), N (images of the first three, 1000),
+# Environment: PY (default .venv/bin/python), WORKERS (2), STAGES (the queue order, 1 2 5 6 4 3), N (images of the first three, 1000),
 # N_PAPER, N_ADAPTIVE, N_SQUARE (200 each), ONLY (one model name: only its audits),
 # LOCKS (/tmp/deqguard-campaign-locks), DEVICE (cpu), BATCH (128: a cascade's later attacks
 # run on a batch's survivors, which larger batches keep efficient; audits resume mid-batch, so
@@ -104,8 +107,9 @@ stage() { # stage number, model -> the line of that stage
         "--attacks square-defended --square-queries 1000" ;;
     esac
 }
+STAGES=${STAGES:-1 2 5 6 4 3} # queue order (above)
 JOBS=()
-for s in 1 2 3 4 5 6; do
+for s in $STAGES; do
     for m in "${MODELS[@]}"; do
         read -r name args <<< "$(stage "$s" "$m")"
         JOBS+=("$m $name$SUFFIX $args")

@@ -86,8 +86,18 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
     assert len(dirs) == 6 and all("/micro-trades-ri@2-" in d for d in dirs)
     exports = [c for c in calls if "training.evaluate" in c]
     assert len(exports) == 1 and "--name micro-trades-ri" in exports[0]
-    # the first stage is item 5's target check on 1,000 images
-    assert dirs[0].endswith("micro-trades-ri@2-off-quick9-1000")
+    # the first stage is item 5's target check on 1,000 images; the defended worst case
+    # (quick, adaptive, Square) comes before the two grid + AutoAttack audits, the undefended
+    # one (the longest) last
+    kinds = [d.split("@2-")[1] for d in dirs]
+    assert kinds == [
+        "off-quick9-1000",
+        "paper-quick-1000",
+        "paper-adaptive-200",
+        "paper-square-200",
+        "paper-paper-200",
+        "off-paper-1000",
+    ]
 
 
 def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
