@@ -18,13 +18,13 @@
 # ablation table (undefended: stage 1; the paper defense: stages 2, 5 and 6) is known before
 # the two grid + AutoAttack audits fill the table's remaining columns; stage 3, the longest
 # (about 11 core-hours per model at 1,000 images, most of it Square's 5,000 queries), runs last:
-#   1 <m>@2-off-quick9-1000        undefended served prediction: PGD-10, APGD-CE, APGD-T 9
+#   1 <m>@2-off-quick9-solver-1000   undefended served prediction: PGD-10, APGD-CE, APGD-T 9
 #                                  targets (item 5's target check)
-#   2 <m>@2-paper-quick-1000       the paper defense: the same as transfer + BPDA APGD-T
-#   3 <m>@2-off-paper-1000         undefended: the 144-attack Eq. 11 grid + standard AutoAttack
+#   2 <m>@2-paper-quick-solver-1000  the paper defense: the same as transfer + BPDA APGD-T
+#   3 <m>@2-off-paper-solver-1000    undefended: the 144-attack Eq. 11 grid + standard AutoAttack
 #                                  (APGD-CE, APGD-T 9, FAB-T, Square 5,000)
 #   4 <m>@2-paper-paper-$N_PAPER       the paper defense: the 144-attack grid + standard AutoAttack
-#   5 <m>@2-paper-adaptive-$N_ADAPTIVE    through the defense: BPDA and exact APGD-CE (3 restarts),
+#   5 <m>@2-paper-adaptive-solver-$N_ADAPTIVE  through the defense: BPDA and exact APGD-CE (3 restarts),
 #                                  APGD-T (3 targets), PGD-50 x 5 restarts; APGD transfer
 #   6 <m>@2-paper-square-$N_SQUARE     Square end to end, 1,000 queries
 # All but Square run as a cascade (--cascade: each attack only on the images every earlier
@@ -92,15 +92,19 @@ done
     --out docs/training-curves.png
 exec {export_fd}>&-
 
-# one line per audit: its directory name, then deqguard audit's arguments after the model
+# one line per audit: its directory name, then deqguard audit's arguments after the model.
+# Every attack on the undefended served prediction (stages 1, 2 and 5; stage 3's sanity checks)
+# takes the gradient backpropagated through the solver ("-solver" in the name): the unrolled
+# default overstated the TRADES run's robustness by a wide margin (docs/DEFENSE.md).
+SG="--undefended-grad solver"
 stage() { # stage number, model -> the line of that stage
     local m=$2 d=$2@2
     case $1 in
-    1) echo "$d-off-quick9-$N --defense off --suite quick --apgd-targets 9 -n $N --cascade" ;;
-    2) echo "$d-paper-quick-$N --defense paper --suite quick -n $N --cascade" ;;
-    3) echo "$d-off-paper-$N --defense off --suite paper -n $N --cascade" ;;
+    1) echo "$d-off-quick9-solver-$N --defense off --suite quick --apgd-targets 9 -n $N $SG --cascade" ;;
+    2) echo "$d-paper-quick-solver-$N --defense paper --suite quick -n $N $SG --cascade" ;;
+    3) echo "$d-off-paper-solver-$N --defense off --suite paper -n $N $SG --cascade" ;;
     4) echo "$d-paper-paper-$N_PAPER --defense paper --suite paper -n $N_PAPER --cascade" ;;
-    5) echo "$d-paper-adaptive-$N_ADAPTIVE --defense paper --suite adaptive -n $N_ADAPTIVE" \
+    5) echo "$d-paper-adaptive-solver-$N_ADAPTIVE --defense paper --suite adaptive -n $N_ADAPTIVE $SG" \
         "--attacks apgd-ce,apgd-t,bpda-apgd-ce,bpda-apgd-t,exact-apgd-ce,exact-apgd-t,bpda-pgd,exact-pgd" \
         "--cascade" ;;
     6) echo "$d-paper-square-$N_SQUARE --defense paper --suite adaptive -n $N_SQUARE" \

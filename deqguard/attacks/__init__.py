@@ -3,7 +3,7 @@ surrogate-gradient / defended-decision wrapper, adaptive attacks through the def
 on the served prediction (straight-through surrogate), and the attacks that build adversarial
 training examples (TRADES, PGD-AT)."""
 
-from deqguard.attacks.apgd import ApgdLoss, ServedSurrogate, apgd_attack
+from deqguard.attacks.apgd import ApgdLoss, ServedSurrogate, SolverGradSurrogate, apgd_attack
 from deqguard.attacks.autoattack import (
     AutoAttackConfig,
     SurrogateDecision,
@@ -37,6 +37,7 @@ __all__ = [
     "PGDConfig",
     "Surrogate",
     "ServedSurrogate",
+    "SolverGradSurrogate",
     "SurrogateDecision",
     "apgd_attack",
     "defended_decider",

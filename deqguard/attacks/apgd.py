@@ -26,11 +26,13 @@ from torch import Tensor
 
 from deqguard.attacks.surrogates import DefendedSurrogate, DefenseGrad, IntermediateSpec
 from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
-from deqguard.defense import DefenseParams
+from deqguard.defense import DefenseParams, defended_forward
+from deqguard.dynamics import cached_weights, cell_fn, resolve_solver
 from deqguard.models.mdeq import MDEQClassifier
 from deqguard.solvers import FixedPointSolver
+from deqguard.solvers.broyden import DifferentiableBroydenSolver
 
-__all__ = ["ApgdLoss", "ServedSurrogate", "apgd_attack"]
+__all__ = ["ApgdLoss", "ServedSurrogate", "SolverGradSurrogate", "apgd_attack"]
 
 ApgdLoss = Literal["ce", "dlr", "targeted"]
 
@@ -72,6 +74,63 @@ class ServedSurrogate(torch.nn.Module):
         res, u = self.surrogate.run(x)
         u = u.float()
         return u + (res.logits.float() - u).detach()
+
+
+class SolverGradSurrogate(torch.nn.Module):
+    """Value: the undefended served logits (R = 0, z[state]); gradient: autograd through the
+    served computation itself, the N solver steps from z = 0 (backpropagation through the
+    solver), instead of a few damped steps from the served state.
+
+    Why: the Ka-step unrolling of :class:`ServedSurrogate` is the gradient of the served
+    prediction only near a fixed point; a model whose 8 Broyden steps do not converge (plain
+    TRADES late in the campaign, ``docs/TRAINING.md``) depends on its input through every step,
+    which only this gradient sees. Broyden runs as :class:`DifferentiableBroydenSolver` (same
+    iterates, out-of-place memory); Picard has no memory to copy. Costs about one served forward
+    with graph, its backward, and the served forward that supplies the value.
+    """
+
+    def __init__(
+        self,
+        model: MDEQClassifier,
+        solver: SolverConfig | FixedPointSolver | None = None,
+        *,
+        steps: int = DEFAULT_SOLVER_STEPS,
+        state: int | None = None,
+    ) -> None:
+        super().__init__()
+        config = resolve_solver(solver).config
+        if config.name not in ("broyden", "picard"):
+            raise ValueError(f"no differentiable form of the {config.name!r} solver")
+        state = steps if state is None else state
+        if not 1 <= state <= steps:
+            raise ValueError(f"the served state must lie in 1..{steps}, got {state}")
+        self.model, self.steps, self.state = model, steps, state
+        self.served = resolve_solver(solver)
+        self.solver = (
+            DifferentiableBroydenSolver(config) if config.name == "broyden" else self.served
+        )
+
+    @property
+    def name(self) -> str:
+        return f"served-undefended-solver-grad-z{self.state}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        model = self.model
+        with torch.no_grad():
+            d = defended_forward(
+                model,
+                x.detach(),
+                DefenseParams(R=0, state=self.state),
+                self.served,
+                steps=self.steps,
+            ).logits
+        with torch.enable_grad(), cached_weights(model):
+            fn = cell_fn(model, model.inject(x))
+            z0 = model.zero_state(x.shape[0], x.device, x.dtype)
+            end, traj = self.solver.solve(fn, z0, steps=self.steps, record=self.state < self.steps)
+            z = end.z if traj is None else traj.states[self.state - 1]
+            u = model.head(z).float()
+        return u + (d.float() - u).detach()
 
 
 def apgd_attack(

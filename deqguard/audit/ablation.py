@@ -166,7 +166,7 @@ def columns_of(attack: AttackOutcome, steps: int) -> tuple[str, ...]:
         return (family,)
     if attack.kind != "pgd":
         return ()
-    final = attack.grad == "undefended" or (
+    final = attack.grad in ("undefended", "solver") or (
         attack.spec is not None and IntermediateSpec.parse(attack.spec).i == steps
     )
     cols = ("pgd10",) if final and attack.budget.startswith("PGD-10,") else ()

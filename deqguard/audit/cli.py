@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deqguard.audit.config import SUITES, AuditConfig
+from deqguard.audit.config import SUITES, UNDEFENDED_GRADS, AuditConfig
 from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         " cumulative within a family; the per-sample worst case is unchanged)",
     )
     p.add_argument(
+        "--undefended-grad",
+        default="unrolled",
+        choices=UNDEFENDED_GRADS,
+        help="gradient of the attacks on the undefended served prediction: unrolled (Ka damped"
+        " steps from the served state; default) or solver (backpropagated through the N solver"
+        " steps: the prediction's own gradient, for dynamics that do not converge)",
+    )
+    p.add_argument(
         "--attacks",
         default="",
         help="comma-separated names: run only these attacks of the suite (each with the seed it"
@@ -148,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         attack_misclassified=args.attack_misclassified,
         device=args.device,
         cascade=args.cascade,
+        undefended_grad=args.undefended_grad,
     )
 
 

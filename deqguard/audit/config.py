@@ -11,6 +11,11 @@ updates switched off (R = 0, same state). Plans differ in where their gradient c
 - ``eq11``: an Eq. 11 surrogate on the undefended dynamics (``spec``);
 - ``undefended``: the straight-through surrogate of the undefended served prediction (value: the
   exact logits at z[state]; gradient: ``adaptive_ka`` damped steps (lambda 0.5) from z[state]);
+- ``solver``: the same value, its gradient by backpropagation through all N solver steps from
+  z = 0 (the served prediction's own gradient, which the short unrolling only approximates near
+  a fixed point). ``undefended_grad = "solver"`` gives every attack below that says
+  ``undefended`` this gradient instead (the sanity checks' white-box PGD too when the defense
+  is off);
 - ``bpda`` / ``exact``: the same through the defense (value: the defended logits; the input
   updates are the identity in backward, or differentiated exactly);
 - ``none``: score-based (Square); ``source-model``: another store entry's Eq. 11 surrogate.
@@ -59,6 +64,7 @@ from deqguard.defense import DefenseParamError, DefenseParams, get_preset
 
 __all__ = [
     "SUITES",
+    "UNDEFENDED_GRADS",
     "AttackKind",
     "AttackPlan",
     "AuditConfig",
@@ -78,6 +84,7 @@ class Suite(StrEnum):
 
 
 SUITES: tuple[str, ...] = tuple(s.value for s in Suite)
+UNDEFENDED_GRADS: tuple[str, ...] = ("unrolled", "solver")
 
 
 class AttackKind(StrEnum):
@@ -95,12 +102,13 @@ class AttackKind(StrEnum):
 
 
 AttackKindName = Literal[tuple(k.value for k in AttackKind)]  # type: ignore[valid-type]
-GradSource = Literal["eq11", "undefended", "bpda", "exact", "none", "source-model"]
+GradSource = Literal["eq11", "undefended", "solver", "bpda", "exact", "none", "source-model"]
 SelectBy = Literal["undefended", "defended", "source-model"]
 
 _SELECT: dict[str, str] = {
     "eq11": "defended",
     "undefended": "undefended",
+    "solver": "undefended",
     "bpda": "defended",
     "exact": "defended",
     "none": "defended",
@@ -222,6 +230,11 @@ class AuditConfig:
             report says which were left out (non-standard on its own: combine such audits per
             sample with ``deqguard audit-table``).
         device: torch device string.
+        undefended_grad: the gradient of the attacks on the undefended served prediction:
+            ``unrolled`` (``adaptive_ka`` damped steps from the served state; the default, so
+            that audits begun before the option resume: their fingerprint lacks it) or
+            ``solver`` (backpropagation through the N solver steps: the served prediction's
+            own gradient, the one to use when the dynamics do not converge).
         cascade: run each attack only on the images that every earlier attack of its
             ``AttackPlan.family`` left correct, as AutoAttack runs its attacks (fewer images
             per attack: docs/TRAINING.md). Each family's first attack still sees
@@ -263,6 +276,7 @@ class AuditConfig:
     attacks: tuple[str, ...] = ()
     device: str = "cpu"
     cascade: bool = False
+    undefended_grad: str = "unrolled"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -296,6 +310,10 @@ class AuditConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.undefended_grad not in UNDEFENDED_GRADS:
+            raise ValueError(
+                f"undefended_grad must be one of {UNDEFENDED_GRADS}, got {self.undefended_grad!r}"
+            )
         intermediate_subset(self.grid, self.steps)  # raises naming the subsets
         if self.aa_apgd_iters is not None and self.aa_apgd_iters < 1:
             raise ValueError(f"aa_apgd_iters must be >= 1, got {self.aa_apgd_iters}")
@@ -320,8 +338,11 @@ class AuditConfig:
         d["defense_params"] = self.defense_params.to_dict()
         d["aa_attacks"] = list(self.aa_attacks)
         d["attacks"] = list(self.attacks)
-        if not self.cascade:  # off: the identity (fingerprint) of audits from before the option
+        # at their defaults, the identity (fingerprint) of audits begun before these options
+        if not self.cascade:
             del d["cascade"]
+        if self.undefended_grad == "unrolled":
+            del d["undefended_grad"]
         return d
 
     @classmethod
@@ -357,13 +378,12 @@ def full_suite(cfg: AuditConfig) -> list[AttackPlan]:
     n = cfg.steps
     active = cfg.defense_params.active
     it, tg = cfg.apgd_iters, cfg.apgd_targets
+    ug: GradSource = "solver" if cfg.undefended_grad == "solver" else "undefended"
     if cfg.suite == "quick":
         plans = [
-            AttackPlan(
-                "pgd-undefended", "pgd", None, "undefended", cfg.pgd_steps, cfg.pgd_restarts
-            ),
-            AttackPlan("apgd-ce", "apgd-ce", None, "undefended", it, 1),
-            AttackPlan("apgd-t", "apgd-t", None, "undefended", it, 1, tg),
+            AttackPlan("pgd-undefended", "pgd", None, ug, cfg.pgd_steps, cfg.pgd_restarts),
+            AttackPlan("apgd-ce", "apgd-ce", None, ug, it, 1),
+            AttackPlan("apgd-t", "apgd-t", None, ug, it, 1, tg),
         ]
         if active:
             plans.append(AttackPlan("bpda-apgd-t", "apgd-t", None, "bpda", it, 1, cfg.bpda_targets))
@@ -378,8 +398,8 @@ def full_suite(cfg: AuditConfig) -> list[AttackPlan]:
         return plans
     r = cfg.adaptive_restarts
     plans = [
-        AttackPlan("apgd-ce", "apgd-ce", None, "undefended", it, r),
-        AttackPlan("apgd-t", "apgd-t", None, "undefended", it, 1, tg),
+        AttackPlan("apgd-ce", "apgd-ce", None, ug, it, r),
+        AttackPlan("apgd-t", "apgd-t", None, ug, it, 1, tg),
     ]
     if active:
         for grad in ("bpda", "exact"):

@@ -49,6 +49,7 @@ from deqguard.attacks import (
     IntermediateSurrogate,
     PGDConfig,
     ServedSurrogate,
+    SolverGradSurrogate,
     SurrogateDecision,
     apgd_attack,
     pgd_attack,
@@ -217,12 +218,16 @@ class AuditRunner:
             out[key] = full
         return out
 
-    def _served(self, grad: str) -> ServedSurrogate:
+    def _served(self, grad: str) -> ServedSurrogate | SolverGradSurrogate:
         """The straight-through surrogate of the served prediction: undefended (R = 0, the same
-        state) for ``grad == "undefended"``, else through the defense by ``grad``."""
+        state) for ``grad == "undefended"`` (its gradient unrolled from the served state) and
+        ``"solver"`` (backpropagated through the solver), else through the defense by
+        ``grad``."""
         assert self.model is not None
         cfg = self.config
         params = cfg.defense_params
+        if grad == "solver":
+            return SolverGradSurrogate(self.model, self.solver, steps=cfg.steps, state=params.state)
         mode: DefenseGrad = "exact" if grad == "exact" else "bpda"
         if grad == "undefended":  # nothing to differentiate through at R = 0
             params = DefenseParams(**{**params.to_dict(), "R": 0})
@@ -230,9 +235,13 @@ class AuditRunner:
             self.model, params, self.solver, steps=cfg.steps, grad=mode, ka=cfg.adaptive_ka
         )
 
-    def _white_box(self) -> ServedSurrogate:
-        """The sanity checks' white-box surrogate: through the defense (BPDA) when it is on."""
-        return self._served("bpda" if self.config.defense_params.active else "undefended")
+    def _white_box(self) -> ServedSurrogate | SolverGradSurrogate:
+        """The sanity checks' white-box surrogate: through the defense (BPDA) when it is on,
+        else the undefended one with the configured gradient."""
+        cfg = self.config
+        if cfg.defense_params.active:
+            return self._served("bpda")
+        return self._served("solver" if cfg.undefended_grad == "solver" else "undefended")
 
     def _attack(
         self,

@@ -98,7 +98,7 @@ _ATTACK = {
         "spec": {"type": ["string", "null"]},
         "grad": {
             "type": "string",
-            "enum": ["eq11", "undefended", "bpda", "exact", "none", "source-model"],
+            "enum": ["eq11", "undefended", "solver", "bpda", "exact", "none", "source-model"],
         },
         "select": {"type": "string", "enum": ["undefended", "defended", "source-model"]},
         "budget": {"type": "string"},
@@ -338,7 +338,7 @@ def build_report(
     return report
 
 
-_TRANSFER_GRADS = ("eq11", "undefended", "source-model")
+_TRANSFER_GRADS = ("eq11", "undefended", "solver", "source-model")
 _WHITE_BOX_GRADS = ("bpda", "exact")
 _LARGE_EPS_MAX = 0.05
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from deqguard.solvers.base import FixedPointSolver, SolverState
 
-__all__ = ["BroydenSolver"]
+__all__ = ["BroydenSolver", "DifferentiableBroydenSolver"]
 
 
 def _coefficients(x: Tensor, mem: Tensor) -> Tensor:
@@ -84,6 +84,10 @@ class BroydenSolver(FixedPointSolver):
         if not bool(ok.all()):  # usually every row updates: skip two passes over [B, D]
             u = torch.where(ok, u, torch.zeros_like(u))
             vt = torch.where(ok, vt, torch.zeros_like(vt))
+        self._write_slot(mem, u, vt)
+
+    def _write_slot(self, mem: dict[str, Any], u: Tensor, vt: Tensor) -> None:
+        """The pair (u, v^T) [B, D] into the next slot of the circular buffer."""
         slot = mem["count"] % self.config.memory
         mem["us"][:, slot] = u  # in place: memory tensors are never shared outside the state
         mem["vts"][:, slot] = vt
@@ -91,11 +95,8 @@ class BroydenSolver(FixedPointSolver):
 
     def _idle(self, state: SolverState) -> None:
         """A step with every row held: a zero pair (it adds nothing to B) in the next slot."""
-        mem = state.memory
-        slot = mem["count"] % self.config.memory
-        mem["us"][:, slot] = 0.0
-        mem["vts"][:, slot] = 0.0
-        mem["count"] += 1
+        zero = state.z.new_zeros(state.z.shape)
+        self._write_slot(state.memory, zero, zero)
 
     def _reset_memory(self, state: SolverState, which: Tensor) -> None:
         """Forget rows ``which``. When that is every row, restarting the slot count is enough
@@ -110,3 +111,35 @@ class BroydenSolver(FixedPointSolver):
         if rows.numel():
             mem["us"][rows] = 0.0
             mem["vts"][rows] = 0.0
+
+
+class DifferentiableBroydenSolver(BroydenSolver):
+    """The same iterates, with every memory write out of place, so autograd can run through
+    the solve (an attack on the served prediction's exact gradient: backpropagation through
+    all N steps from z = 0, not an implicit or unrolled approximation of it).
+
+    The in-place writes of :class:`BroydenSolver` would overwrite tensors that earlier steps'
+    products saved for backward; here each write makes a new [B, M, D] buffer (one copy per
+    step: affordable in an attack, not worth it in serving). The values are bit-identical.
+    """
+
+    def _write_slot(self, mem: dict[str, Any], u: Tensor, vt: Tensor) -> None:
+        slot = torch.tensor([mem["count"] % self.config.memory], device=u.device)
+        mem["us"] = mem["us"].index_copy(1, slot, u.unsqueeze(1))
+        mem["vts"] = mem["vts"].index_copy(1, slot, vt.unsqueeze(1))
+        mem["count"] += 1
+
+    def _init_memory(self, state: SolverState) -> dict[str, Any]:
+        # zero-filled: index_copy reads the whole buffer, and uninitialised memory could hold
+        # NaNs whose gradient (0 * NaN) would poison backward
+        b, d = state.z.shape
+        shape = (b, self.config.memory, d)
+        return {"us": state.z.new_zeros(shape), "vts": state.z.new_zeros(shape), "count": 0}
+
+    def _reset_memory(self, state: SolverState, which: Tensor) -> None:
+        mem = state.memory
+        if bool(which.all()):
+            mem["count"] = 0
+            return
+        keep = (~which).to(mem["us"].dtype)[:, None, None]
+        mem["us"], mem["vts"] = mem["us"] * keep, mem["vts"] * keep

@@ -194,6 +194,8 @@ def test_audit_specs_are_held_to_serving_limits_and_budgets(app_client: httpx.Cl
         ({"options": {"autoattack": "yes"}}, "options.autoattack"),
         ({"options": {"autoattack": True}}, "options.autoattack"),  # smoke runs none
         ({"options": {"cascade": "yes"}}, "options.cascade"),
+        ({"options": {"undefended_grad": 1}}, "options.undefended_grad"),
+        ({"options": {"undefended_grad": "bptt"}}, "undefended_grad must be one of"),
         ({"options": {"transfer_from": "../../etc/passwd"}}, "options.transfer_from"),
         ({"options": {"transfer_from": "no-such-model"}}, "options.transfer_from"),
     ]
@@ -214,6 +216,8 @@ def test_smoke_report_says_what_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert config.autoattack is False and config.pgd_steps == audits.SMOKE_PGD_STEPS
     cascaded = audits.audit_config({**spec, "options": {"cascade": True}}, 8, "cpu")
     assert cascaded.cascade is True and config.cascade is False
+    solver = audits.audit_config({**spec, "options": {"undefended_grad": "solver"}}, 8, "cpu")
+    assert solver.undefended_grad == "solver" and config.undefended_grad == "unrolled"
     monkeypatch.setattr(audits, "write_plots", lambda report, d: [])
     monkeypatch.setattr(audits, "markdown_summary", lambda report, files: "")
     report = audits.finish_report({"notes": [], "config": config.to_dict()}, spec, tmp_path)

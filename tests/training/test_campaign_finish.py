@@ -91,13 +91,17 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
     # one (the longest) last
     kinds = [d.split("@2-")[1] for d in dirs]
     assert kinds == [
-        "off-quick9-1000",
-        "paper-quick-1000",
-        "paper-adaptive-200",
+        "off-quick9-solver-1000",
+        "paper-quick-solver-1000",
+        "paper-adaptive-solver-200",
         "paper-square-200",
         "paper-paper-200",
-        "off-paper-1000",
+        "off-paper-solver-1000",
     ]
+    # the audits with attacks on the undefended prediction take the solver's gradient
+    for c in calls:
+        if "-solver-" in c:
+            assert "--undefended-grad solver" in c
 
 
 def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
