@@ -93,16 +93,18 @@ done
 exec {export_fd}>&-
 
 # one line per audit: its directory name, then deqguard audit's arguments after the model.
-# Every attack on the undefended served prediction (stages 1, 2 and 5; stage 3's sanity checks)
-# takes the gradient backpropagated through the solver ("-solver" in the name): the unrolled
-# default overstated the TRADES run's robustness by a wide margin (docs/DEFENSE.md).
-SG="--undefended-grad solver"
+# Every gradient attack on the served prediction, undefended or through the defense (stages 1,
+# 2, 3 and 5: "-solver" in the name; stage 4's grid and AutoAttack take the Eq. 11 surrogates
+# the paper defines), is backpropagated through every solver step: the unrolled default
+# overstated the TRADES run's robustness by a wide margin (docs/DEFENSE.md).
+UG="--undefended-grad solver"          # the defense off: nothing else to differentiate
+SG="$UG --defended-grad solver"
 stage() { # stage number, model -> the line of that stage
     local m=$2 d=$2@2
     case $1 in
-    1) echo "$d-off-quick9-solver-$N --defense off --suite quick --apgd-targets 9 -n $N $SG --cascade" ;;
+    1) echo "$d-off-quick9-solver-$N --defense off --suite quick --apgd-targets 9 -n $N $UG --cascade" ;;
     2) echo "$d-paper-quick-solver-$N --defense paper --suite quick -n $N $SG --cascade" ;;
-    3) echo "$d-off-paper-solver-$N --defense off --suite paper -n $N $SG --cascade" ;;
+    3) echo "$d-off-paper-solver-$N --defense off --suite paper -n $N $UG --cascade" ;;
     4) echo "$d-paper-paper-$N_PAPER --defense paper --suite paper -n $N_PAPER --cascade" ;;
     5) echo "$d-paper-adaptive-solver-$N_ADAPTIVE --defense paper --suite adaptive -n $N_ADAPTIVE $SG" \
         "--attacks apgd-ce,apgd-t,bpda-apgd-ce,bpda-apgd-t,exact-apgd-ce,exact-apgd-t,bpda-pgd,exact-pgd" \

@@ -77,16 +77,21 @@ class ServedSurrogate(torch.nn.Module):
 
 
 class SolverGradSurrogate(torch.nn.Module):
-    """Value: the undefended served logits (R = 0, z[state]); gradient: autograd through the
-    served computation itself, the N solver steps from z = 0 (backpropagation through the
-    solver), instead of a few damped steps from the served state.
+    """Value: the served logits (undefended at z[state] when ``params`` is None or R = 0, else
+    the defended ones); gradient: autograd through the served computation itself, every solver
+    step from z = 0 (backpropagation through the solver), instead of a few damped steps from
+    the served state. Through the defense (R > 0) the input updates are the identity in
+    backward (``bpda``) or their exact elementwise derivative (``exact``), as in
+    :class:`ServedSurrogate`, but the states between them are differentiated step by step.
 
     Why: the Ka-step unrolling of :class:`ServedSurrogate` is the gradient of the served
     prediction only near a fixed point; a model whose 8 Broyden steps do not converge (plain
     TRADES late in the campaign, ``docs/TRAINING.md``) depends on its input through every step,
     which only this gradient sees. Broyden runs as :class:`DifferentiableBroydenSolver` (same
-    iterates, out-of-place memory); Picard has no memory to copy. Costs about one served forward
-    with graph, its backward, and the served forward that supplies the value.
+    iterates, out-of-place memory); Picard has no memory to copy. Undefended it costs a
+    forward with graph through the solver, its backward and the served forward that supplies
+    the value; defended, one defended forward with graph (its value is the served one, bit for
+    bit) and its backward.
     """
 
     def __init__(
@@ -96,15 +101,22 @@ class SolverGradSurrogate(torch.nn.Module):
         *,
         steps: int = DEFAULT_SOLVER_STEPS,
         state: int | None = None,
+        params: DefenseParams | None = None,
+        grad: DefenseGrad = "bpda",
     ) -> None:
         super().__init__()
         config = resolve_solver(solver).config
         if config.name not in ("broyden", "picard"):
             raise ValueError(f"no differentiable form of the {config.name!r} solver")
+        if grad not in ("bpda", "exact"):
+            raise ValueError(f"grad must be 'bpda' or 'exact', got {grad!r}")
+        if params is not None and params.state is not None:
+            state = params.state
         state = steps if state is None else state
         if not 1 <= state <= steps:
             raise ValueError(f"the served state must lie in 1..{steps}, got {state}")
-        self.model, self.steps, self.state = model, steps, state
+        self.model, self.steps, self.state, self.grad = model, steps, state, grad
+        self.params = params if params is not None and params.active else None
         self.served = resolve_solver(solver)
         self.solver = (
             DifferentiableBroydenSolver(config) if config.name == "broyden" else self.served
@@ -112,10 +124,15 @@ class SolverGradSurrogate(torch.nn.Module):
 
     @property
     def name(self) -> str:
-        return f"served-undefended-solver-grad-z{self.state}"
+        kind = "undefended" if self.params is None else self.grad
+        return f"served-{kind}-solver-grad-z{self.state}"
 
     def forward(self, x: Tensor) -> Tensor:
         model = self.model
+        if self.params is not None:  # the defended forward itself, with its graph
+            return defended_forward(
+                model, x, self.params, self.solver, steps=self.steps, differentiable=self.grad
+            ).logits.float()
         with torch.no_grad():
             d = defended_forward(
                 model,

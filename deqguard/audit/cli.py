@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deqguard.audit.config import SUITES, UNDEFENDED_GRADS, AuditConfig
+from deqguard.audit.config import GRAD_PATHS, SUITES, AuditConfig
 from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
@@ -96,10 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--undefended-grad",
         default="unrolled",
-        choices=UNDEFENDED_GRADS,
+        choices=GRAD_PATHS,
         help="gradient of the attacks on the undefended served prediction: unrolled (Ka damped"
         " steps from the served state; default) or solver (backpropagated through the N solver"
         " steps: the prediction's own gradient, for dynamics that do not converge)",
+    )
+    p.add_argument(
+        "--defended-grad",
+        default="unrolled",
+        choices=GRAD_PATHS,
+        help="the same for the attacks through the defense (BPDA, exact): unrolled (Ka steps"
+        " from the defended state; default) or solver (every step of the defended dynamics)",
     )
     p.add_argument(
         "--attacks",
@@ -157,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         device=args.device,
         cascade=args.cascade,
         undefended_grad=args.undefended_grad,
+        defended_grad=args.defended_grad,
     )
 
 

@@ -17,7 +17,8 @@ updates switched off (R = 0, same state). Plans differ in where their gradient c
   ``undefended`` this gradient instead (the sanity checks' white-box PGD too when the defense
   is off);
 - ``bpda`` / ``exact``: the same through the defense (value: the defended logits; the input
-  updates are the identity in backward, or differentiated exactly);
+  updates are the identity in backward, or differentiated exactly); ``defended_grad = "solver"``
+  differentiates every step of the defended dynamics instead of Ka steps from its state;
 - ``none``: score-based (Square); ``source-model``: another store entry's Eq. 11 surrogate.
 
 Suites and budgets (defaults; eps 8/255 l_inf; "APGD" is pyautoattack 0.2.0's reference code):
@@ -64,7 +65,7 @@ from deqguard.defense import DefenseParamError, DefenseParams, get_preset
 
 __all__ = [
     "SUITES",
-    "UNDEFENDED_GRADS",
+    "GRAD_PATHS",
     "AttackKind",
     "AttackPlan",
     "AuditConfig",
@@ -84,7 +85,9 @@ class Suite(StrEnum):
 
 
 SUITES: tuple[str, ...] = tuple(s.value for s in Suite)
-UNDEFENDED_GRADS: tuple[str, ...] = ("unrolled", "solver")
+GRAD_PATHS: tuple[str, ...] = ("unrolled", "solver")
+"""How an attack differentiates the served prediction: a few unrolled steps from the served
+state, or every solver step (``undefended_grad``, ``defended_grad``)."""
 
 
 class AttackKind(StrEnum):
@@ -235,6 +238,11 @@ class AuditConfig:
             that audits begun before the option resume: their fingerprint lacks it) or
             ``solver`` (backpropagation through the N solver steps: the served prediction's
             own gradient, the one to use when the dynamics do not converge).
+        defended_grad: the same for the attacks through the defense (``bpda``, ``exact``, and
+            the sanity checks' white-box PGD when the defense is on): ``unrolled`` (Ka steps
+            from the defended served state; default, for the same reason) or ``solver`` (every
+            step of the defended dynamics differentiated, the input updates by ``bpda`` /
+            ``exact``).
         cascade: run each attack only on the images that every earlier attack of its
             ``AttackPlan.family`` left correct, as AutoAttack runs its attacks (fewer images
             per attack: docs/TRAINING.md). Each family's first attack still sees
@@ -277,6 +285,7 @@ class AuditConfig:
     device: str = "cpu"
     cascade: bool = False
     undefended_grad: str = "unrolled"
+    defended_grad: str = "unrolled"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -310,10 +319,11 @@ class AuditConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if self.undefended_grad not in UNDEFENDED_GRADS:
-            raise ValueError(
-                f"undefended_grad must be one of {UNDEFENDED_GRADS}, got {self.undefended_grad!r}"
-            )
+        for option in ("undefended_grad", "defended_grad"):
+            if getattr(self, option) not in GRAD_PATHS:
+                raise ValueError(
+                    f"{option} must be one of {GRAD_PATHS}, got {getattr(self, option)!r}"
+                )
         intermediate_subset(self.grid, self.steps)  # raises naming the subsets
         if self.aa_apgd_iters is not None and self.aa_apgd_iters < 1:
             raise ValueError(f"aa_apgd_iters must be >= 1, got {self.aa_apgd_iters}")
@@ -341,8 +351,9 @@ class AuditConfig:
         # at their defaults, the identity (fingerprint) of audits begun before these options
         if not self.cascade:
             del d["cascade"]
-        if self.undefended_grad == "unrolled":
-            del d["undefended_grad"]
+        for option in ("undefended_grad", "defended_grad"):
+            if d[option] == "unrolled":
+                del d[option]
         return d
 
     @classmethod

@@ -229,6 +229,10 @@ class AuditRunner:
         if grad == "solver":
             return SolverGradSurrogate(self.model, self.solver, steps=cfg.steps, state=params.state)
         mode: DefenseGrad = "exact" if grad == "exact" else "bpda"
+        if grad != "undefended" and cfg.defended_grad == "solver":
+            return SolverGradSurrogate(
+                self.model, self.solver, steps=cfg.steps, params=params, grad=mode
+            )
         if grad == "undefended":  # nothing to differentiate through at R = 0
             params = DefenseParams(**{**params.to_dict(), "R": 0})
         return ServedSurrogate(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -281,7 +282,6 @@ def _track_jacobian(
     jac.copy_(torch.where(below, ball_lo, torch.where(above, ball_hi, jac)))
 
 
-@torch.no_grad()
 def defended_forward(
     model: MDEQClassifier,
     x: Tensor,
@@ -291,6 +291,7 @@ def defended_forward(
     steps: int = DEFAULT_SOLVER_STEPS,
     trace: bool = False,
     should_stop: StopCheck | None = None,
+    differentiable: Literal["bpda", "exact"] | None = None,
 ) -> DefenseResult:
     """Algorithm 1 with per-sample parameters, then the early-state prediction.
 
@@ -310,7 +311,33 @@ def defended_forward(
             input-gradient step; once it returns True the forward raises
             :class:`DefenseStopped` instead of finishing (a server stops a long batch at
             shutdown with it). It changes no value: a forward it never stops is the same.
+        differentiable: None (the default: no graph) or ``bpda`` / ``exact``: the logits and
+            states carry a graph to ``x`` through every solver step (an attack's gradient;
+            ``solver`` must then be able to differentiate its steps:
+            :class:`deqguard.solvers.broyden.DifferentiableBroydenSolver`). Each input in
+            effect x[t] enters f as ``x[t] + J * (x - x.detach())``: J = 1 (``bpda``, the
+            defense's updates are the identity in backward) or their exact elementwise
+            derivative (``exact``, ``DefenseTrace.jac``). The added term is 0, so every value
+            is the same as without a graph.
     """
+    if differentiable not in (None, "bpda", "exact"):
+        raise ValueError(f"differentiable must be None, 'bpda' or 'exact', got {differentiable!r}")
+    with torch.set_grad_enabled(differentiable is not None):
+        return _defended_forward(
+            model, x, params, solver, steps, trace, should_stop, differentiable
+        )
+
+
+def _defended_forward(
+    model: MDEQClassifier,
+    x: Tensor,
+    params: DefenseParams | Sequence[DefenseParams],
+    solver: SolverConfig | FixedPointSolver | None,
+    steps: int,
+    trace: bool,
+    should_stop: StopCheck | None,
+    differentiable: Literal["bpda", "exact"] | None,
+) -> DefenseResult:
     if x.dim() != 4:
         raise ValueError(f"x must be [B, 3, H, W], got shape {tuple(x.shape)}")
     if steps < 1:
@@ -323,15 +350,18 @@ def defended_forward(
 
     x0 = x.detach()
     x_cur = x0
+    # the graph to x (differentiable): a zero that carries it, added to every input in effect
+    link = x - x0 if differentiable is not None else None
+    track = trace or differentiable == "exact"  # the derivative of the inputs
     post = torch.full((steps, batch), float("nan"), device=dev)
     grad_steps = torch.zeros(batch, dtype=torch.long, device=dev)
     trajectory = Trajectory()
     with cached_weights(model):
-        injection = model.inject(x0)
+        injection = model.inject(x0 if link is None else x0 + link)
         fn = _stoppable(cell_fn(model, injection), should_stop)
         state = slv.init(fn, model.zero_state(batch, dev, x.dtype))
         done = 0
-        jac = torch.ones_like(x0) if trace else None
+        jac = torch.ones_like(x0) if track else None
         inputs: list[Tensor] = []
         jacs: list[Tensor] = []
         for t in act_steps:
@@ -347,8 +377,9 @@ def defended_forward(
             before = slv.select_rows(state, idx)
             state = slv.advance(fn, state, 1)
             # Lines 8-12: R steps of Eq. 8 at z~[t] (held), giving x[t].
-            z_tent = state.z[idx]
-            inner = model.cell_inner(z_tent)  # reused by the R updates and post_entropy
+            z_tent = state.z[idx].detach()  # the updates carry no graph (BPDA or their jac)
+            with torch.no_grad():
+                inner = model.cell_inner(z_tent)  # reused by the R updates and post_entropy
             jac_rows = None if jac is None else jac[idx]
             x_new = entropy_descent(
                 model,
@@ -368,8 +399,14 @@ def defended_forward(
             x_cur[idx] = x_new
             if jac is not None:
                 jac[idx] = jac_rows
-            new_inj = Injection(_features(model, x_new), sub_masks)
-            post[t - 1, idx] = prediction_entropy(_outer_logits(model, z_tent, inner, new_inj))
+            with torch.no_grad():
+                plain = Injection(_features(model, x_new), sub_masks)
+                post[t - 1, idx] = prediction_entropy(_outer_logits(model, z_tent, inner, plain))
+            if link is None:
+                new_inj = plain
+            else:
+                d = link[idx] if differentiable == "bpda" else jac_rows * link[idx]
+                new_inj = Injection(_features(model, x_new + d), sub_masks)
             feats = injection.features.clone()
             feats[idx] = new_inj.features
             injection = Injection(feats, injection.masks)
@@ -405,5 +442,9 @@ def defended_forward(
         grad_steps=grad_steps,
         x_final=x_cur,
         step_logits=step_logits,
-        trace=DefenseTrace(trajectory.stacked_states(), inputs, jacs) if trace else None,
+        trace=(
+            DefenseTrace(trajectory.stacked_states().detach(), inputs, [j.detach() for j in jacs])
+            if trace
+            else None
+        ),
     )

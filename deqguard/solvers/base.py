@@ -323,7 +323,7 @@ class FixedPointSolver(ABC):
         for key, value in sub.memory.items():
             full = mem[key]
             if isinstance(full, Tensor) and full.dim() and full.shape[0] == batch:
-                full[rows] = value
+                self._put_memory_rows(mem, key, rows, value)
             elif full != value:
                 raise ValueError(f"solver memory {key!r} differs: {full!r} vs {value!r}")
         return SolverState(
@@ -340,6 +340,10 @@ class FixedPointSolver(ABC):
             steps=state.steps,
             memory=mem,
         )
+
+    def _put_memory_rows(self, mem: dict[str, Any], key: str, rows: Tensor, value: Tensor) -> None:
+        """``mem[key][rows] = value``, in place (a differentiable solver replaces the tensor)."""
+        mem[key][rows] = value
 
     def solve(
         self, fn: CellFn, z0: Tensor, steps: int | None = None, record: bool = True

@@ -143,3 +143,6 @@ class DifferentiableBroydenSolver(BroydenSolver):
             return
         keep = (~which).to(mem["us"].dtype)[:, None, None]
         mem["us"], mem["vts"] = mem["us"] * keep, mem["vts"] * keep
+
+    def _put_memory_rows(self, mem: dict[str, Any], key: str, rows: Tensor, value: Tensor) -> None:
+        mem[key] = mem[key].index_put((rows,), value)

@@ -58,7 +58,7 @@ OPTION_FIELDS = (
     "aa_attacks", "aa_apgd_iters", "square_queries", "adaptive_ka", "transfer_from",
     "pgd_every_iterate", "apgd_iters", "apgd_targets", "bpda_targets", "adaptive_restarts",
     "adaptive_pgd_steps", "adaptive_pgd_restarts", "sanity_images", "cascade",
-    "undefended_grad",
+    "undefended_grad", "defended_grad",
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 
@@ -82,7 +82,7 @@ AUDIT_BUDGETS: dict[str, tuple[type, float, float]] = {
 """Audit budgets: bounds of the numeric options (a typo like ``pgd_steps=1e9`` is a 422, not a
 job that never ends)."""
 _BOOL_OPTIONS = ("autoattack", "pgd_every_iterate", "cascade")
-_STR_OPTIONS = ("grid", "aa_version", "transfer_from", "undefended_grad")
+_STR_OPTIONS = ("grid", "aa_version", "transfer_from", "undefended_grad", "defended_grad")
 
 
 def _check_options(options: dict[str, Any], model_store: Path | None) -> None:

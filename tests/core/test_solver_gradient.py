@@ -162,3 +162,88 @@ def test_an_audit_runs_on_the_solver_gradient(model, monkeypatch) -> None:
     assert {a["grad"] for a in report["attacks"]} == {"solver"}
     assert report["clean"]["correct"] == 2  # labels are the served predictions
     assert calls  # the attacks and sanity checks ran on it
+
+
+MIXED = [DefenseParams(R=3, Tf=2), DefenseParams(R=0), DefenseParams(R=2, Tf=3, eps=2 / 255)]
+
+
+@pytest.mark.parametrize("mode", ["bpda", "exact"])
+def test_the_differentiable_defended_forward_serves_the_same_values(model, mode) -> None:
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    served = defended_forward(model, x, MIXED, None, steps=8, trace=True)
+    v = x.clone().requires_grad_(True)
+    solver = DifferentiableBroydenSolver(SolverConfig())
+    got = defended_forward(model, v, MIXED, solver, steps=8, trace=True, differentiable=mode)
+    assert torch.equal(got.logits.detach(), served.logits)
+    assert torch.equal(got.x_final, served.x_final) and torch.equal(got.acted, served.acted)
+    assert got.trace is not None and served.trace is not None
+    assert torch.equal(got.trace.states, served.trace.states)
+    got.logits[:, 0].sum().backward()
+    assert v.grad is not None and bool((v.grad.flatten(1).norm(dim=1) > 0).all())
+    surrogate = SolverGradSurrogate(model, None, steps=8, params=MIXED[0], grad=mode)
+    one = defended_forward(model, x[:1], MIXED[0], None, steps=8).logits
+    assert torch.equal(surrogate(x[:1].clone().requires_grad_(True)).detach(), one)
+
+
+def test_the_exact_defended_gradient_is_the_served_predictions_own() -> None:
+    """Through the defense, ``exact``: the derivative of the defended logits as computed
+    (sign steps held, the clips differentiated), which central differences reproduce while no
+    sign flips."""
+    model = _toy()
+    cfg = SolverConfig(max_steps=4, tol=0)
+    params = DefenseParams(R=2, Tf=2, beta=0.01, eps=0.05)
+    x = torch.rand(2, 1, 1, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([1, 0])
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return defended_forward(model, v, params, cfg, steps=4).logits.gather(1, y[:, None]).sum()
+
+    h, want = 1e-7, torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=x.dtype)
+        e[i] = h
+        e = e.view_as(x)
+        want.view(-1)[i] = (loss(x + e) - loss(x - e)) / (2 * h)
+    v = x.clone().requires_grad_(True)
+    SolverGradSurrogate(model, cfg, steps=4, params=params, grad="exact")(v).gather(
+        1, y[:, None]
+    ).sum().backward()
+    assert v.grad is not None
+    torch.testing.assert_close(v.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_defended_grad_solver_gives_the_attacks_through_the_defense_that_gradient(
+    model, monkeypatch
+) -> None:
+    from deqguard.attacks import apgd as apgd_module
+    from deqguard.audit import AuditConfig, AuditRunner
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    params = DefenseParams(R=1, Tf=2)
+    y = defended_forward(model, x, params, None, steps=2).logits.argmax(1)
+    seen: list[object] = []
+    real = apgd_module.SolverGradSurrogate.forward
+
+    def counted(self, v):
+        seen.append(self.params)
+        return real(self, v)
+
+    monkeypatch.setattr(apgd_module.SolverGradSurrogate, "forward", counted)
+    cfg = AuditConfig(
+        model="t",
+        defense=params,
+        suite="quick",
+        n=2,
+        batch_size=2,
+        steps=2,
+        pgd_steps=1,
+        apgd_iters=2,
+        sanity_images=2,
+        defended_grad="solver",
+        attacks=("bpda-apgd-t",),
+    )
+    report = AuditRunner(cfg, model=model, images=x, labels=y).run()
+    assert [a["name"] for a in report["attacks"]] == ["bpda-apgd-t"]
+    assert seen and all(p == params for p in seen)  # attacks and sanity checks: defended
+    assert cfg.to_dict()["defended_grad"] == "solver"
+    assert "defended_grad" not in AuditConfig(model="t").to_dict()

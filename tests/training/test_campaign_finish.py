@@ -102,6 +102,10 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
     for c in calls:
         if "-solver-" in c:
             assert "--undefended-grad solver" in c
+        if "-paper-quick-solver-" in c or "-paper-adaptive-solver-" in c:
+            assert "--defended-grad solver" in c
+        if "-off-" in c:  # as the first stage-1 audit began (its fingerprint)
+            assert "--defended-grad" not in c
 
 
 def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
