@@ -2,7 +2,8 @@
 
 Why: the campaign's audits run for hours across sessions; whoever plans the next session needs
 each one's batches done, the attacks done in the batch in progress, the compute spent and a
-rough time to go, without loading the model. The running tallies are over finished batches
+rough time to go, without loading the model. A directory holding a ``SUPERSEDED`` file (its
+text says why) is an audit that will not be resumed. The running tallies are over finished batches
 only and are a progress view, not a claim: an audit's figures are its ``report.json``.
 
     deqguard audit-status docs/audits/*/
@@ -38,6 +39,7 @@ class AuditProgress:
     samples: int
     clean_correct: int
     worst_correct: int
+    superseded: str | None = None  # why, from the directory's SUPERSEDED file: not resumed
 
     @property
     def finished(self) -> bool:
@@ -53,6 +55,8 @@ class AuditProgress:
 
     def line(self) -> str:
         """One line for a terminal."""
+        if self.superseded is not None:
+            return f"{self.name}: superseded after {self.batches_done} of {self.batches_total} batches ({self.superseded})"
         head = f"{self.name}: batch {self.batches_done} of {self.batches_total} done"
         if self.finished:
             head = f"{self.name}: finished ({self.batches_total} batch(es))"
@@ -87,6 +91,7 @@ def audit_progress(directory: str | Path) -> AuditProgress:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not an audit's state ({exc})") from exc
     done = [b for b in batches if not b.get("partial")]
+    note = Path(directory) / "SUPERSEDED"
     partial = [b for b in batches if b.get("partial")]
     counts = [batch_counts(b) for b in done]
     return AuditProgress(
@@ -99,6 +104,7 @@ def audit_progress(directory: str | Path) -> AuditProgress:
         samples=sum(c[0] for c in counts),
         clean_correct=sum(c[1] for c in counts),
         worst_correct=sum(c[2] for c in counts),
+        superseded=" ".join(note.read_text().split()) if note.is_file() else None,
     )
 
 
@@ -107,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``state.json`` are skipped with ``--quiet``, else reported as errors)."""
     p = argparse.ArgumentParser(prog="deqguard audit-status", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="audit directories (deqguard audit --out)")
-    p.add_argument("--unfinished", action="store_true", help="only audits still running")
+    p.add_argument(
+        "--unfinished", action="store_true", help="only audits still to run (not superseded)"
+    )
     p.add_argument("--quiet", action="store_true", help="skip directories without state.json")
     try:
         args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deqguard audit-status: {exc}", file=sys.stderr)
             rc = 1
             continue
-        if not (args.unfinished and prog.finished):
+        if not (args.unfinished and (prog.finished or prog.superseded is not None)):
             print(prog.line())
     return rc
 

@@ -68,6 +68,17 @@ def test_progress_of_a_stopped_then_finished_audit(model, images, tmp_path, caps
     assert main([str(tmp_path)]) == 0 and "finished (2 batch(es))" in capsys.readouterr().out
 
 
+def test_a_superseded_audit_says_why_and_is_not_listed_as_to_run(tmp_path, capsys) -> None:
+    fp = {"config": {"n": 10, "batch_size": 5}, "plans": [{}, {}]}
+    (tmp_path / "state.json").write_text(json.dumps({"fingerprint": fp, "batches": {}}))
+    assert main([str(tmp_path), "--unfinished"]) == 0 and "batch 0 of 2" in capsys.readouterr().out
+    (tmp_path / "SUPERSEDED").write_text("replaced by\n  x-solver\n")
+    prog = audit_progress(tmp_path)
+    assert prog.superseded == "replaced by x-solver" and not prog.finished
+    assert "superseded after 0 of 2 batches (replaced by x-solver)" in prog.line()
+    assert main([str(tmp_path), "--unfinished"]) == 0 and capsys.readouterr().out == ""
+
+
 def test_a_directory_without_an_audit_state_is_named(tmp_path, capsys) -> None:
     (tmp_path / "state.json").write_text('{"batches": {}}')
     with pytest.raises(ValueError, match="not an audit's state"):
