@@ -11,7 +11,11 @@ and clamp after each step), all judged on the model's undefended decision, the h
   z <- (1 - lambda) z + lambda f(z), CE on the head. A grid of (i, Ka, lambda) is screened on the
   first ``screen`` test images; the strongest (lowest accuracy) is rerun on all ``n_test``.
 
-Both surrogates are the core's ``IntermediateSurrogate`` with the authors' extra plain step
+- the served prediction's own gradient (``pgd10_solver_*``): PGD-10 with the gradient
+  backpropagated through all N solver steps (``deqguard.attacks.SolverGradSurrogate``), which
+  the unrolled surrogates above equal only near a fixed point (docs/DEFENSE.md); it runs last.
+
+The first two surrogates are the core's ``IntermediateSurrogate`` with the authors' extra plain step
 (``plain_first=True``), named as the core names them (``z4-plain-Ka1-lam1``: not the audits'
 ``z4-Ka1-lam1``, which has no plain step). The PGD is the core's model-selection PGD
 (:func:`deqguard.attacks.pgd_at_attack`: last iterate, as the training recipes validate).
@@ -33,7 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deqguard.attacks import IntermediateSpec, IntermediateSurrogate, pgd_at_attack
+from deqguard.attacks import (
+    IntermediateSpec,
+    IntermediateSurrogate,
+    SolverGradSurrogate,
+    pgd_at_attack,
+)
 from deqguard.configs import SolverConfig
 from deqguard.data import dataset_fingerprint, load_test
 from deqguard.dynamics import deq_forward
@@ -133,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only run one more final-state attack with this Ka and merge it into the existing "
         "entry as pgd10_final_ka<Ka>_acc",
     )
+    p.add_argument(
+        "--extra-solver",
+        action="store_true",
+        help="only run the PGD-10 on the solver's gradient and merge it into the existing entry"
+        " (pgd10_solver_*)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=100)
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or cfg["name"]
     if args.extra_final_ka is not None:
         return _extra_final(args, model, solver, n, x, y)
+    if args.extra_solver:
+        return _extra_solver(args, model, solver, n, x, y)
     if args.store:
         # Write the entry first, then merge each metric as it is measured: an interrupted
         # evaluation still leaves a valid entry holding exactly what was measured.
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         report("pgd10_min_acc", min(float(c.float().mean()), float(inter[:k].float().mean())))
         report("pgd10_per_sample_worst_acc", float((clean[:k] & inter[:k] & c).float().mean()))
 
-    robust_correct(
+    final = robust_correct(
         model,
         x[:n_final],
         y[:n_final],
@@ -212,6 +229,61 @@ def main(argv: list[str] | None = None) -> int:
         solver,
         on_batch=final_progress,
         **kw,
+    )
+    report("pgd10_solver_attack", _SOLVER_ATTACK.format(n=n, solver=solver.name))
+
+    def solver_progress(c: Tensor) -> None:
+        k = len(c)
+        report("pgd10_solver_n_images", k)
+        report("pgd10_solver_acc", float(c.float().mean()))
+        worst = clean[:k] & inter[:k] & final[:k] & c
+        report("pgd10_per_sample_worst_acc", float(worst.float().mean()))
+
+    surrogate = SolverGradSurrogate(model, solver, steps=n)
+    robust_correct(
+        model, x[:n_final], y[:n_final], surrogate, solver, on_batch=solver_progress, **kw
+    )
+    return 0
+
+
+_SOLVER_ATTACK = (
+    "the served prediction's own gradient, backpropagated through the {n} {solver} steps"
+)
+
+
+def _extra_solver(
+    args: argparse.Namespace,
+    model: MDEQClassifier,
+    solver: SolverConfig,
+    n: int,
+    x: Tensor,
+    y: Tensor,
+) -> int:
+    """The PGD-10 on the solver's gradient alone, merged into an exported entry."""
+    from deqguard.store import update_metrics
+
+    t0 = time.monotonic()
+    name = args.name or json.loads((Path(args.run) / "config.json").read_text())["name"]
+    first = {"pgd10_solver_attack": _SOLVER_ATTACK.format(n=n, solver=solver.name)}
+
+    def progress(c: Tensor) -> None:
+        vals: dict[str, Any] = {"pgd10_solver_acc": float(c.float().mean())}
+        vals["pgd10_solver_n_images"] = len(c)
+        vals["pgd10_solver_seconds"] = round(time.monotonic() - t0, 1)
+        print(json.dumps(vals), flush=True)
+        if args.store:
+            update_metrics(args.store, name, {**first, **vals})
+
+    surrogate = SolverGradSurrogate(model, solver, steps=n)
+    robust_correct(
+        model,
+        x,
+        y,
+        surrogate,
+        solver,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        on_batch=progress,
     )
     return 0
 

@@ -339,7 +339,7 @@ def _correct_under_pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     solver: SolverConfig,
-    spec: tuple[int, int, float] | None,
+    spec: tuple[int, int, float] | str | None,
     *,
     steps: int,
     batch_size: int,
@@ -347,7 +347,11 @@ def _correct_under_pgd(
     """The documented evaluation protocol written out: per batch, l_inf PGD (eps 8/255, uniform
     random start from one generator seeded 0 for the whole run, ``steps`` sign steps of 2/255,
     ball then [0, 1] projection) on the Eq. 11 surrogate ``spec`` (None: no attack), judged by
-    the undefended head at z[N]. Per-sample correctness [n] bool."""
+    the undefended head at z[N]; ``spec = "solver"``: on the solver's own gradient (the core's
+    ``SolverGradSurrogate``, itself checked against finite differences in
+    tests/core/test_solver_gradient.py). Per-sample correctness [n] bool."""
+    from deqguard.attacks import SolverGradSurrogate
+
     eps, alpha = 8 / 255, 2 / 255
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -358,7 +362,11 @@ def _correct_under_pgd(
             xa = (xb + (2 * u - 1) * eps).clamp(0, 1)
             for _ in range(steps):
                 xa = xa.detach().requires_grad_(True)
-                loss = F.cross_entropy(_eq11_logits(model, xa, solver, *spec), yb)
+                if spec == "solver":
+                    logits = SolverGradSurrogate(model, solver, steps=solver.max_steps)(xa)
+                else:
+                    logits = _eq11_logits(model, xa, solver, *spec)
+                loss = F.cross_entropy(logits, yb)
                 (g,) = torch.autograd.grad(loss, xa)
                 xa = torch.minimum(torch.maximum(xa + alpha * g.sign(), xb - eps), xb + eps)
                 xa = xa.clamp(0, 1)
@@ -486,7 +494,10 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     assert m["pgd10_final_n_images"] == 4
     assert m["pgd10_final_acc"] == acc(final)
     assert m["pgd10_min_acc"] == min(acc(final), acc(inter))
-    assert m["pgd10_per_sample_worst_acc"] == acc(clean & inter & final)
+    by_solver = _correct_under_pgd(model, x, y, solver, "solver", **run)
+    assert m["pgd10_solver_n_images"] == 4 and m["pgd10_solver_acc"] == acc(by_solver)
+    assert "backpropagated through" in m["pgd10_solver_attack"]
+    assert m["pgd10_per_sample_worst_acc"] == acc(clean & inter & final & by_solver)
     assert m["pgd10_per_sample_worst_acc"] <= min(m["clean_acc"], m["pgd10_min_acc"])
     assert m["pgd10_min_acc"] < m["clean_acc"]  # not vacuous: the attacks do flip decisions
 
