@@ -174,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = args.name or cfg["name"]
     if args.extra_final_ka is not None:
-        return _extra_final(args, model, solver, n, x, y)
+        # one more final-state attack (e.g. the authors' 1 + 9 unroll)
+        spec = IntermediateSpec(n, args.extra_final_ka, 0.5)
+        surrogate = eq11_surrogate(model, solver, spec)
+        return _extra_attack(args, model, solver, x, y, f"pgd10_final_ka{spec.Ka}", surrogate)
     if args.extra_solver:
-        return _extra_solver(args, model, solver, n, x, y)
+        described = {"pgd10_solver_attack": _SOLVER_ATTACK.format(n=n, solver=solver.name)}
+        surrogate = SolverGradSurrogate(model, solver, steps=n)
+        return _extra_attack(args, model, solver, x, y, "pgd10_solver", surrogate, described)
     if args.store:
         # Write the entry first, then merge each metric as it is measured: an interrupted
         # evaluation still leaves a valid entry holding exactly what was measured.
@@ -251,74 +256,35 @@ _SOLVER_ATTACK = (
 )
 
 
-def _extra_solver(
+def _extra_attack(
     args: argparse.Namespace,
     model: MDEQClassifier,
     solver: SolverConfig,
-    n: int,
     x: Tensor,
     y: Tensor,
+    key: str,
+    surrogate: Callable[[Tensor], Tensor],
+    described: dict[str, Any] | None = None,
 ) -> int:
-    """The PGD-10 on the solver's gradient alone, merged into an exported entry."""
+    """One more PGD attack on an exported entry, merged into its metrics after every batch as
+    ``{key}_acc``, ``{key}_n_images`` and ``{key}_seconds`` (with ``described`` besides)."""
     from deqguard.store import update_metrics
 
     t0 = time.monotonic()
     name = args.name or json.loads((Path(args.run) / "config.json").read_text())["name"]
-    first = {"pgd10_solver_attack": _SOLVER_ATTACK.format(n=n, solver=solver.name)}
 
     def progress(c: Tensor) -> None:
-        vals: dict[str, Any] = {"pgd10_solver_acc": float(c.float().mean())}
-        vals["pgd10_solver_n_images"] = len(c)
-        vals["pgd10_solver_seconds"] = round(time.monotonic() - t0, 1)
+        vals: dict[str, Any] = {f"{key}_acc": float(c.float().mean()), f"{key}_n_images": len(c)}
+        vals[f"{key}_seconds"] = round(time.monotonic() - t0, 1)
         print(json.dumps(vals), flush=True)
         if args.store:
-            update_metrics(args.store, name, {**first, **vals})
+            update_metrics(args.store, name, {**(described or {}), **vals})
 
-    surrogate = SolverGradSurrogate(model, solver, steps=n)
     robust_correct(
         model,
         x,
         y,
         surrogate,
-        solver,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        on_batch=progress,
-    )
-    return 0
-
-
-def _extra_final(
-    args: argparse.Namespace,
-    model: MDEQClassifier,
-    solver: SolverConfig,
-    n: int,
-    x: Tensor,
-    y: Tensor,
-) -> int:
-    """One more final-state attack (e.g. the authors' 1 + 9 unroll), merged into the entry."""
-    from deqguard.store import update_metrics
-
-    t0 = time.monotonic()
-    key = f"pgd10_final_ka{args.extra_final_ka}"
-    spec = IntermediateSpec(n, args.extra_final_ka, 0.5)
-
-    def progress(c: Tensor) -> None:
-        vals = {f"{key}_acc": float(c.float().mean()), f"{key}_n_images": len(c)}
-        vals[f"{key}_seconds"] = round(time.monotonic() - t0, 1)
-        print(json.dumps(vals), flush=True)
-        if args.store:
-            update_metrics(
-                args.store,
-                args.name or json.loads((Path(args.run) / "config.json").read_text())["name"],
-                vals,
-            )
-
-    robust_correct(
-        model,
-        x,
-        y,
-        eq11_surrogate(model, solver, spec),
         solver,
         steps=args.steps,
         batch_size=args.batch_size,

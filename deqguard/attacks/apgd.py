@@ -27,7 +27,7 @@ from torch import Tensor
 from deqguard.attacks.surrogates import DefendedSurrogate, DefenseGrad, IntermediateSpec
 from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
 from deqguard.defense import DefenseParams, defended_forward
-from deqguard.dynamics import cached_weights, cell_fn, resolve_solver
+from deqguard.dynamics import resolve_solver
 from deqguard.models.mdeq import MDEQClassifier
 from deqguard.solvers import FixedPointSolver
 from deqguard.solvers.broyden import DifferentiableBroydenSolver
@@ -87,11 +87,10 @@ class SolverGradSurrogate(torch.nn.Module):
     Why: the Ka-step unrolling of :class:`ServedSurrogate` is the gradient of the served
     prediction only near a fixed point; a model whose 8 Broyden steps do not converge (plain
     TRADES late in the campaign, ``docs/TRAINING.md``) depends on its input through every step,
-    which only this gradient sees. Broyden runs as :class:`DifferentiableBroydenSolver` (same
-    iterates, out-of-place memory); Picard has no memory to copy. Undefended it costs a
-    forward with graph through the solver, its backward and the served forward that supplies
-    the value; defended, one defended forward with graph (its value is the served one, bit for
-    bit) and its backward.
+    which only this gradient sees. It is one ``defended_forward(..., differentiable=grad)``
+    (R = 0 when undefended) with Broyden run as :class:`DifferentiableBroydenSolver` (same
+    iterates, out-of-place memory; Picard has no memory to copy), so its value is the served
+    one bit for bit; it costs that forward with graph and its backward.
     """
 
     def __init__(
@@ -105,7 +104,8 @@ class SolverGradSurrogate(torch.nn.Module):
         grad: DefenseGrad = "bpda",
     ) -> None:
         super().__init__()
-        config = resolve_solver(solver).config
+        served = resolve_solver(solver)
+        config = served.config
         if config.name not in ("broyden", "picard"):
             raise ValueError(f"no differentiable form of the {config.name!r} solver")
         if grad not in ("bpda", "exact"):
@@ -117,10 +117,7 @@ class SolverGradSurrogate(torch.nn.Module):
             raise ValueError(f"the served state must lie in 1..{steps}, got {state}")
         self.model, self.steps, self.state, self.grad = model, steps, state, grad
         self.params = params if params is not None and params.active else None
-        self.served = resolve_solver(solver)
-        self.solver = (
-            DifferentiableBroydenSolver(config) if config.name == "broyden" else self.served
-        )
+        self.solver = DifferentiableBroydenSolver(config) if config.name == "broyden" else served
 
     @property
     def name(self) -> str:
@@ -128,26 +125,10 @@ class SolverGradSurrogate(torch.nn.Module):
         return f"served-{kind}-solver-grad-z{self.state}"
 
     def forward(self, x: Tensor) -> Tensor:
-        model = self.model
-        if self.params is not None:  # the defended forward itself, with its graph
-            return defended_forward(
-                model, x, self.params, self.solver, steps=self.steps, differentiable=self.grad
-            ).logits.float()
-        with torch.no_grad():
-            d = defended_forward(
-                model,
-                x.detach(),
-                DefenseParams(R=0, state=self.state),
-                self.served,
-                steps=self.steps,
-            ).logits
-        with torch.enable_grad(), cached_weights(model):
-            fn = cell_fn(model, model.inject(x))
-            z0 = model.zero_state(x.shape[0], x.device, x.dtype)
-            end, traj = self.solver.solve(fn, z0, steps=self.steps, record=self.state < self.steps)
-            z = end.z if traj is None else traj.states[self.state - 1]
-            u = model.head(z).float()
-        return u + (d.float() - u).detach()
+        params = self.params or DefenseParams(R=0, state=self.state)
+        return defended_forward(
+            self.model, x, params, self.solver, steps=self.steps, differentiable=self.grad
+        ).logits.float()
 
 
 def apgd_attack(

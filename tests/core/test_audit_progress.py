@@ -10,21 +10,11 @@ import torch
 
 from deqguard.audit import AuditCancelled, AuditConfig, AuditRunner
 from deqguard.audit.progress import audit_progress, main
-from deqguard.defense import DefenseParams
+from tests.core.test_audit import _cfg as audit_cfg
 
 
 def _cfg() -> AuditConfig:
-    return AuditConfig(
-        model="t",
-        suite="quick",
-        n=4,
-        batch_size=2,
-        steps=2,
-        pgd_steps=1,
-        apgd_iters=2,
-        defense=DefenseParams(R=1, Tf=1),
-        attack_misclassified=True,  # every image is attacked: every attack runs
-    )
+    return audit_cfg(attack_misclassified=True)  # every image is attacked: every attack runs
 
 
 @pytest.fixture()

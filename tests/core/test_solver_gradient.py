@@ -132,33 +132,31 @@ def test_undefended_grad_solver_switches_every_undefended_attack() -> None:
         AuditConfig(model="t", undefended_grad="bptt")
 
 
-def test_an_audit_runs_on_the_solver_gradient(model, monkeypatch) -> None:
+def _audit_with_solver_surrogate(model, monkeypatch, defense, y_params, seed, **kw):
+    """A 2-image quick audit on ``model`` (labels: its served predictions) that records the
+    ``params`` of every SolverGradSurrogate call; returns (report, recorded params)."""
     from deqguard.attacks import apgd as apgd_module
     from deqguard.audit import AuditConfig, AuditRunner
 
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    y = defended_forward(model, x, DefenseParams(R=0), None, steps=2).logits.argmax(1)
-    calls: list[str] = []
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    y = defended_forward(model, x, y_params, None, steps=2).logits.argmax(1)
+    seen: list[object] = []
     real = apgd_module.SolverGradSurrogate.forward
 
     def counted(self, v):
-        calls.append("solver")
+        seen.append(self.params)
         return real(self, v)
 
     monkeypatch.setattr(apgd_module.SolverGradSurrogate, "forward", counted)
-    cfg = AuditConfig(
-        model="t",
-        defense="off",
-        suite="quick",
-        n=2,
-        batch_size=2,
-        steps=2,
-        pgd_steps=1,
-        apgd_iters=2,
-        sanity_images=2,
-        undefended_grad="solver",
+    base = dict(n=2, batch_size=2, steps=2, pgd_steps=1, apgd_iters=2, sanity_images=2)
+    cfg = AuditConfig(model="t", defense=defense, suite="quick", **base, **kw)
+    return AuditRunner(cfg, model=model, images=x, labels=y).run(), seen
+
+
+def test_an_audit_runs_on_the_solver_gradient(model, monkeypatch) -> None:
+    report, calls = _audit_with_solver_surrogate(
+        model, monkeypatch, "off", DefenseParams(R=0), 3, undefended_grad="solver"
     )
-    report = AuditRunner(cfg, model=model, images=x, labels=y).run()
     assert {a["grad"] for a in report["attacks"]} == {"solver"}
     assert report["clean"]["correct"] == 2  # labels are the served predictions
     assert calls  # the attacks and sanity checks ran on it
@@ -215,35 +213,13 @@ def test_the_exact_defended_gradient_is_the_served_predictions_own() -> None:
 def test_defended_grad_solver_gives_the_attacks_through_the_defense_that_gradient(
     model, monkeypatch
 ) -> None:
-    from deqguard.attacks import apgd as apgd_module
-    from deqguard.audit import AuditConfig, AuditRunner
+    from deqguard.audit import AuditConfig
 
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     params = DefenseParams(R=1, Tf=2)
-    y = defended_forward(model, x, params, None, steps=2).logits.argmax(1)
-    seen: list[object] = []
-    real = apgd_module.SolverGradSurrogate.forward
-
-    def counted(self, v):
-        seen.append(self.params)
-        return real(self, v)
-
-    monkeypatch.setattr(apgd_module.SolverGradSurrogate, "forward", counted)
-    cfg = AuditConfig(
-        model="t",
-        defense=params,
-        suite="quick",
-        n=2,
-        batch_size=2,
-        steps=2,
-        pgd_steps=1,
-        apgd_iters=2,
-        sanity_images=2,
-        defended_grad="solver",
-        attacks=("bpda-apgd-t",),
+    report, seen = _audit_with_solver_surrogate(
+        model, monkeypatch, params, params, 6, defended_grad="solver", attacks=("bpda-apgd-t",)
     )
-    report = AuditRunner(cfg, model=model, images=x, labels=y).run()
     assert [a["name"] for a in report["attacks"]] == ["bpda-apgd-t"]
     assert seen and all(p == params for p in seen)  # attacks and sanity checks: defended
-    assert cfg.to_dict()["defended_grad"] == "solver"
+    assert report["config"]["defended_grad"] == "solver"
     assert "defended_grad" not in AuditConfig(model="t").to_dict()

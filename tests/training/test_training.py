@@ -501,6 +501,16 @@ def test_evaluate_exports_a_verified_entry(tmp_path: Path, cifar_small: CifarSpl
     assert m["pgd10_per_sample_worst_acc"] <= min(m["clean_acc"], m["pgd10_min_acc"])
     assert m["pgd10_min_acc"] < m["clean_acc"]  # not vacuous: the attacks do flip decisions
 
+    # one attack more on the exported entry, merged into its metrics: the same attacks again
+    extra = argv[:6] + ["--steps", "1", "--batch-size", "2"]
+    assert eval_main(extra + ["--extra-solver"]) == 0
+    assert eval_main(extra + ["--extra-final-ka", "1"]) == 0
+    m2 = load_entry(store, "m").manifest.metrics
+    assert m2["pgd10_solver_acc"] == acc(by_solver) and m2["pgd10_solver_n_images"] == 4
+    assert m2["pgd10_solver_attack"] == m["pgd10_solver_attack"]
+    assert m2["pgd10_final_ka1_acc"] == acc(final) and m2["pgd10_final_ka1_n_images"] == 4
+    assert {"pgd10_solver_seconds", "pgd10_final_ka1_seconds"} <= set(m2)
+
 
 def test_state_is_safetensors_and_json_and_refuses_a_torn_pair(
     tmp_path: Path, cifar_small: CifarSplit
