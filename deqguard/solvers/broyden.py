@@ -119,27 +119,36 @@ class DifferentiableBroydenSolver(BroydenSolver):
     all N steps from z = 0, not an implicit or unrolled approximation of it).
 
     The in-place writes of :class:`BroydenSolver` would overwrite tensors that earlier steps'
-    products saved for backward; here each write makes a new [B, M, D] buffer (one copy per
-    step: affordable in an attack, not worth it in serving). The values are bit-identical.
+    products saved for backward. Here the buffers hold exactly the filled slots, [B, k, D]
+    with k = min(count, memory): a write appends (``cat``) until the buffer is full, then
+    replaces its slot out of place (``index_copy``). So no step reads a slice of a larger
+    buffer, whose backward would zero-fill and copy a full [B, memory, D] gradient per read:
+    that was 30% of a forward + backward on ``micro`` at batch 128, and dropping it took about
+    20% off the step (``benchmarks/ab_solver_grad_memory.py``, docs/BENCHMARKS.md). The
+    values are bit-identical.
     """
 
-    def _write_slot(self, mem: dict[str, Any], u: Tensor, vt: Tensor) -> None:
-        slot = torch.tensor([mem["count"] % self.config.memory], device=u.device)
-        mem["us"] = mem["us"].index_copy(1, slot, u.unsqueeze(1))
-        mem["vts"] = mem["vts"].index_copy(1, slot, vt.unsqueeze(1))
-        mem["count"] += 1
-
     def _init_memory(self, state: SolverState) -> dict[str, Any]:
-        # zero-filled: index_copy reads the whole buffer, and uninitialised memory could hold
-        # NaNs whose gradient (0 * NaN) would poison backward
-        b, d = state.z.shape
-        shape = (b, self.config.memory, d)
-        return {"us": state.z.new_zeros(shape), "vts": state.z.new_zeros(shape), "count": 0}
+        empty = state.z.new_zeros((state.z.shape[0], 0, state.z.shape[1]))
+        return {"us": empty, "vts": empty, "count": 0}
+
+    def _used(self, state: SolverState) -> tuple[Tensor, Tensor]:
+        return state.memory["us"], state.memory["vts"]
+
+    def _write_slot(self, mem: dict[str, Any], u: Tensor, vt: Tensor) -> None:
+        if mem["us"].shape[1] < self.config.memory:  # filling up: slot count is the next one
+            mem["us"] = torch.cat((mem["us"], u.unsqueeze(1)), 1)
+            mem["vts"] = torch.cat((mem["vts"], vt.unsqueeze(1)), 1)
+        else:
+            slot = torch.tensor([mem["count"] % self.config.memory], device=u.device)
+            mem["us"] = mem["us"].index_copy(1, slot, u.unsqueeze(1))
+            mem["vts"] = mem["vts"].index_copy(1, slot, vt.unsqueeze(1))
+        mem["count"] += 1
 
     def _reset_memory(self, state: SolverState, which: Tensor) -> None:
         mem = state.memory
         if bool(which.all()):
-            mem["count"] = 0
+            state.memory = self._init_memory(state)
             return
         keep = (~which).to(mem["us"].dtype)[:, None, None]
         mem["us"], mem["vts"] = mem["us"] * keep, mem["vts"] * keep

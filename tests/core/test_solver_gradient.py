@@ -59,6 +59,28 @@ def test_resetting_some_rows_forgets_the_same_memory() -> None:
     assert bool((mems[1][0][which] == 0).all()) and bool((mems[1][0][~which] != 0).any())
 
 
+def test_a_full_memory_wraps_around_and_restarts_the_same_way() -> None:
+    # memory 3 over 8 steps: the buffer fills (appends), then its slots are replaced in the
+    # served solver's order; a retarget of every row mid-way restarts it from empty
+    torch.manual_seed(0)
+    a_mat = torch.randn(6, 6, dtype=torch.float64) * 0.3
+    b = torch.randn(3, 6, dtype=torch.float64)
+
+    def fn(z, index):
+        return torch.tanh(z @ a_mat.T + (b if index is None else b[index]))
+
+    cfg = SolverConfig(max_steps=8, tol=0, memory=3)
+    runs = []
+    for solver in (BroydenSolver(cfg), DifferentiableBroydenSolver(cfg)):
+        state, traj = solver.solve(fn, torch.zeros_like(b))
+        solver.retarget(fn, state)  # every row: the memory restarts
+        state = solver.advance(fn, state, 5, traj)
+        assert traj is not None
+        runs.append(traj.states)
+    for za, zb in zip(*runs, strict=True):
+        assert torch.equal(za, zb)
+
+
 def _toy() -> ToyClassifier:
     # s = 0.95 and 4 steps: far from the fixed point, where a short unrolling from the served
     # state misses most of the input's influence (the case the surrogate exists for)
