@@ -122,6 +122,17 @@ for s in $STAGES; do
     done
 done
 
+form_args() { # audit directory -> "--model-form training" when it began before that option
+    # (its fingerprint lacks model_form: it judged the module as trained, and resumes only so);
+    # every other audit attacks the service's own eval-only copy (the default, served)
+    local state=$1/state.json
+    if [ -f "$state" ] &&
+        [ "$(json_field "$state" '"model_form" in d["fingerprint"]["config"]')" = False ]; then
+        echo "--model-form training"
+    fi
+    return 0
+}
+
 worker() { # worker number: runs every job it can claim, in queue order
     local job m name lock status=0
     for job in "${JOBS[@]}"; do
@@ -135,8 +146,8 @@ worker() { # worker number: runs every job it can claim, in queue order
         fi
         echo "== $(date -u +%FT%TZ) worker $1: $name"
         # shellcheck disable=SC2086  # args is a word list by construction
-        if "$PY" -m deqguard.cli audit "$m@2" $args --batch-size "$BATCH" --device "$DEVICE" \
-            --out "docs/audits/$name" \
+        if "$PY" -m deqguard.cli audit "$m@2" $args $(form_args "docs/audits/$name") \
+            --batch-size "$BATCH" --device "$DEVICE" --out "docs/audits/$name" \
             > "/tmp/campaign_finish-$name.log" 2>&1; then
             touch "$LOCKS/$name.done"
         else

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deqguard.audit.config import GRAD_PATHS, SUITES, AuditConfig
+from deqguard.audit.config import GRAD_PATHS, MODEL_FORMS, SUITES, AuditConfig
 from deqguard.audit.engine import AuditCancelled, AuditRunner
 from deqguard.audit.plots import write_plots
 from deqguard.audit.report import markdown_summary
@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
         " from the defended state; default) or solver (every step of the defended dynamics)",
     )
     p.add_argument(
+        "--model-form",
+        default="served",
+        choices=MODEL_FORMS,
+        help="the model copy attacked and judged: served (the service's eval-only copy,"
+        " BatchNorm folded; default) or training (the module as trained: what audits begun"
+        " before this option ran, so they resume only with it)",
+    )
+    p.add_argument(
         "--attacks",
         default="",
         help="comma-separated names: run only these attacks of the suite (each with the seed it"
@@ -165,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         cascade=args.cascade,
         undefended_grad=args.undefended_grad,
         defended_grad=args.defended_grad,
+        model_form=args.model_form,
     )
 
 

@@ -115,7 +115,8 @@ def _grid_score(rec: dict[str, Any], cascade: bool) -> float | None:
 @dataclass
 class AuditRunner:
     """One audit. Pass ``model`` (and optionally ``images``/``labels``) to skip the store and
-    the dataset (tests, the service's private model copy). ``gate`` routes every f-evaluation
+    the dataset (tests, the service's private model copy); it is then the copy judged, whatever
+    ``config.model_form`` says (from the store: ``model_form``'s copy). ``gate`` routes every f-evaluation
     of ``model`` through it (the object is changed: pass a private copy)."""
 
     config: AuditConfig
@@ -133,7 +134,7 @@ class AuditRunner:
             from deqguard.store import default_store_root, load_entry
 
             root = cfg.store_root or default_store_root()
-            entry = load_entry(root, cfg.model, cfg.device)
+            entry = load_entry(root, cfg.model, cfg.device, inference=cfg.model_form == "served")
             self.model = entry.model
             self.solver = self.solver or entry.manifest.solver
             self.model_info = {
@@ -156,7 +157,10 @@ class AuditRunner:
             from deqguard.store import default_store_root, load_entry
 
             root = cfg.store_root or default_store_root()
-            self.transfer_model = load_entry(root, cfg.transfer_from, cfg.device).model
+            served = cfg.model_form == "served"
+            self.transfer_model = load_entry(
+                root, cfg.transfer_from, cfg.device, inference=served
+            ).model
         self.plans: list[AttackPlan] = build_suite(cfg)
         # each attack's seed is its place in the whole suite, so a subset reproduces it
         self._seed_index = {p.name: i for i, p in enumerate(full_suite(cfg))}

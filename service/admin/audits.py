@@ -58,7 +58,7 @@ OPTION_FIELDS = (
     "aa_attacks", "aa_apgd_iters", "square_queries", "adaptive_ka", "transfer_from",
     "pgd_every_iterate", "apgd_iters", "apgd_targets", "bpda_targets", "adaptive_restarts",
     "adaptive_pgd_steps", "adaptive_pgd_restarts", "sanity_images", "cascade",
-    "undefended_grad", "defended_grad",
+    "undefended_grad", "defended_grad", "model_form",
 )  # fmt: skip
 SMOKE_PGD_STEPS = 2
 
@@ -82,7 +82,9 @@ AUDIT_BUDGETS: dict[str, tuple[type, float, float]] = {
 """Audit budgets: bounds of the numeric options (a typo like ``pgd_steps=1e9`` is a 422, not a
 job that never ends)."""
 _BOOL_OPTIONS = ("autoattack", "pgd_every_iterate", "cascade")
-_STR_OPTIONS = ("grid", "aa_version", "transfer_from", "undefended_grad", "defended_grad")
+_STR_OPTIONS = (
+    "grid", "aa_version", "transfer_from", "undefended_grad", "defended_grad", "model_form",
+)  # fmt: skip
 
 
 def _check_options(options: dict[str, Any], model_store: Path | None) -> None:
@@ -247,7 +249,9 @@ def open_audit(
     serving pool never changes an audit half-way), gated."""
     from deqguard.data import load_test
 
-    entry = load_entry(model_store, config.model, device=device)
+    entry = load_entry(
+        model_store, config.model, device=device, inference=config.model_form == "served"
+    )
     manifest: Manifest = entry.manifest
     model = entry.model
     model.requires_grad_(False)

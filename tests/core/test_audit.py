@@ -486,6 +486,34 @@ def test_adaptive_suite_report_plots_and_summary(model, data, tmp_path) -> None:
     assert "per-sample worst case" in markdown_summary(report, plots)
 
 
+def test_an_audit_judges_the_services_own_copy_unless_told_otherwise(model, tmp_path) -> None:
+    """model_form: from the store, ``served`` (the default) attacks the eval-only copy the
+    service runs, ``training`` the module as trained (the transfer model likewise); an audit
+    begun before the option (its fingerprint lacks it) reads back as ``training``, so it
+    resumes on the copy it began with."""
+    from deqguard.audit.cli import _parser, config_from_args
+    from deqguard.models import is_inference_only
+    from deqguard.store import save_entry
+
+    save_entry(tmp_path, "m", model, version="1")
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+
+    def runner(**kw) -> AuditRunner:
+        cfg = AuditConfig(model="m", store_root=str(tmp_path), n=2, batch_size=2, **kw)
+        return AuditRunner(cfg, images=x, labels=y)
+
+    served, trained = runner(transfer_from="m"), runner(transfer_from="m", model_form="training")
+    assert is_inference_only(served.model) and is_inference_only(served.transfer_model)
+    assert not is_inference_only(trained.model) and not is_inference_only(trained.transfer_model)
+    assert served._fingerprint()["config"]["model_form"] == "served"
+    assert "model_form" not in trained._fingerprint()["config"]  # as audits begun before it
+    assert AuditConfig.from_dict(trained.config.to_dict()).model_form == "training"
+    assert AuditConfig.from_dict(served.config.to_dict()) == served.config
+    assert config_from_args(_parser().parse_args(["m", "--out", "x"])).model_form == "served"
+    with pytest.raises(ValueError, match="model_form must be one of"):
+        AuditConfig(model="m", model_form="folded")
+
+
 def test_cli_writes_report_plots_and_summary(model, tmp_path) -> None:
     from deqguard.audit.cli import main
     from deqguard.data import DatasetError, load_test

@@ -196,6 +196,8 @@ def test_audit_specs_are_held_to_serving_limits_and_budgets(app_client: httpx.Cl
         ({"options": {"cascade": "yes"}}, "options.cascade"),
         ({"options": {"undefended_grad": 1}}, "options.undefended_grad"),
         ({"options": {"undefended_grad": "bptt"}}, "undefended_grad must be one of"),
+        ({"options": {"model_form": 1}}, "options.model_form"),
+        ({"options": {"model_form": "folded"}}, "model_form must be one of"),
         ({"options": {"transfer_from": "../../etc/passwd"}}, "options.transfer_from"),
         ({"options": {"transfer_from": "no-such-model"}}, "options.transfer_from"),
     ]

@@ -108,6 +108,23 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
             assert "--defended-grad" not in c
 
 
+def test_an_audit_begun_before_model_form_resumes_on_the_trained_module(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {"micro-trades": False, "micro-trades-ri": True}, version=2)
+    for name, config in (
+        ("micro-trades-ri@2-off-quick9-solver-1000", {"suite": "quick"}),  # before the option
+        ("micro-trades-ri@2-paper-quick-solver-1000", {"model_form": "served"}),
+    ):
+        d = tree / "docs" / "audits" / name
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"fingerprint": {"config": config}}))
+    proc, calls = _run(tree, workers=1)
+    assert proc.returncode == 0, proc.stderr
+    audits = [c for c in calls if c.startswith("-m deqguard.cli audit")]
+    assert len(audits) == 6
+    for c in audits:
+        assert ("--model-form training" in c) == ("-off-quick9-solver-" in c), c
+
+
 def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
     tree = _tree(tmp_path, {m: False for m in MODELS})
     proc, calls = _run(tree, workers=2)
