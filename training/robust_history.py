@@ -1,0 +1,170 @@
+"""PGD-10 along training under both gradients the audits know, on validation images.
+
+Why: model selection (item 4 of issue 14) picks the validation snapshot with the best PGD-10,
+and the trainer's PGD-10 differentiates a few damped steps from the N-step solution. That is
+the served prediction's gradient only near a fixed point, and the plain-TRADES run lost its
+fixed point after about step 7,800 (``training.convergence``). This measures, for every
+committed snapshot of each run (one per session) and its validation-selected weights, PGD-10
+as the audits run it (best iterate kept, judged by the served prediction at z[N]) with the
+unrolled gradient (``ServedSurrogate``, Ka 5) and with the solver's own
+(``SolverGradSurrogate``, backpropagation through the N Broyden steps), on the same images:
+where the two part, the selection metric stopped measuring robustness.
+
+Usage::
+
+    python -m training.robust_history training/state/campaign-micro-trades \
+        training/state/campaign-micro-trades-ri --n 256 --json docs/robust_history.json \
+        --plot docs/robust_history.png
+
+Validation images only (the first ``--n`` of the held-out split), never the test set. The
+model is the served form (``prepare_for_inference``), as an export would serve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deqguard.attacks import PGDConfig, pgd_attack
+from deqguard.attacks.apgd import ServedSurrogate, SolverGradSurrogate
+from deqguard.configs import SolverConfig
+from deqguard.cpu_memory import retain_freed_memory
+from deqguard.data import load_cifar10, train_val_split
+from deqguard.defense import DefenseParams
+from deqguard.models import MDEQClassifier, prepare_for_inference
+from training.checkpoint import BEST_JSON, STATE_JSON
+from training.convergence import _model, committed_snapshots
+
+__all__ = ["main", "robust_accuracies"]
+
+
+def robust_accuracies(
+    model: MDEQClassifier,
+    images: Tensor,
+    labels: Tensor,
+    solver: SolverConfig,
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Clean, PGD-10 (unrolled gradient) and PGD-10 (solver gradient) accuracy of the served
+    prediction at z[N] on ``images`` [n, 3, 32, 32] in [0, 1], eps 8/255, step 2/255, one
+    random start (the same start for both gradients), best iterate kept."""
+    steps = solver.max_steps
+    unrolled = ServedSurrogate(model, DefenseParams(R=0), solver, steps=steps, ka=5)
+    exact = SolverGradSurrogate(model, solver, steps=steps)
+    cfg = PGDConfig(eps=8 / 255, steps=10, step_size=2 / 255)
+    hits = {"clean": 0, "pgd10_unrolled": 0, "pgd10_solver": 0}
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        with torch.no_grad():
+            hits["clean"] += int((unrolled(x).argmax(1) == y).sum())
+        for key, surrogate in (("pgd10_unrolled", unrolled), ("pgd10_solver", exact)):
+            gen = torch.Generator().manual_seed(seed + start)
+            hits[key] += int(pgd_attack(surrogate, x, y, cfg, generator=gen).correct.sum())
+    return {k: round(v / len(labels), 4) for k, v in hits.items()}
+
+
+def plot_records(records: list[dict[str, Any]], out: Path) -> Path:
+    """Per run: clean and both PGD-10 accuracies against the step (star: selected weights)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, run in zip(axes, dict.fromkeys(r["run"] for r in records), strict=False):
+        pts = sorted((r for r in records if r["run"] == run and r["weights"] != "best"),
+                     key=lambda r: r["step"])  # fmt: skip
+        steps = [r["step"] for r in pts]
+        for key, style, label in (
+            ("clean", "o-", "clean"),
+            ("pgd10_unrolled", "s--", "PGD-10, unrolled gradient (selection-like)"),
+            ("pgd10_solver", "^-", "PGD-10, solver's gradient"),
+        ):
+            (line,) = ax.plot(steps, [100 * r[key] for r in pts], style, label=label)
+            for r in records:
+                if r["run"] == run and r["weights"] == "best":
+                    ax.plot([r["step"]], [100 * r[key]], "*", ms=13, color=line.get_color())
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("training step (star: the validation-selected weights)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.robust_history", description=__doc__)
+    p.add_argument("runs", nargs="*", type=Path, help="run directories (training/state/<name>)")
+    p.add_argument("--n", type=int, default=256, help="first n validation images")
+    p.add_argument("--no-history", action="store_true", help="only the current and best weights")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--plot", type=Path, default=None, help="draw them into this PNG")
+    p.add_argument("--from-json", type=Path, default=None, help="only redraw --plot from a --json")
+    args = p.parse_args(argv)
+    if args.from_json is not None:
+        if args.plot is None:
+            p.error("--from-json needs --plot")
+        plot_records(json.loads(args.from_json.read_text()), args.plot)
+        return 0
+    if not args.runs:
+        p.error("name at least one run directory")
+    for run in args.runs:
+        if not (run / BEST_JSON).exists() and not (run / STATE_JSON).exists():
+            p.error(f"'{run}' holds no checkpoint")
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    _, val = train_val_split(load_cifar10(train=True))
+    val = val.head(args.n)
+    x, y = val.float_images(), val.labels
+    print(f"first {args.n} validation images; PGD-10 eps 8/255, best iterate, served z[N]\n")
+    print("| run | weights | step | clean | PGD-10 unrolled | PGD-10 solver | s |")
+    print("|---|---|---|---|---|---|---|")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="deqguard-robust-history-") as snapshots:
+        for run in args.runs:
+            points: list[tuple[str, Path, str]] = []
+            if not args.no_history:
+                points += [(f"state @ {rev}", d, "last")
+                           for rev, d in committed_snapshots(run, Path(snapshots))]  # fmt: skip
+            points += [("state (now)", run, "last"), ("best", run, "best")]
+            seen: set[tuple[int, str]] = set()
+            for label, where, which in points:
+                model, step, solver = _model(where, which)
+                if (step, which) in seen:
+                    continue
+                seen.add((step, which))
+                t = time.process_time()
+                acc = robust_accuracies(prepare_for_inference(model.eval()), x, y, solver)
+                cpu_s = round(time.process_time() - t)
+                print(
+                    f"| {run.name} | {label} | {step:,} | {100 * acc['clean']:.1f}%"
+                    f" | {100 * acc['pgd10_unrolled']:.1f}% | {100 * acc['pgd10_solver']:.1f}%"
+                    f" | {cpu_s} |",
+                    flush=True,
+                )
+                records.append(
+                    {"run": run.name, "weights": label, "step": step, "n": args.n, **acc}
+                )
+                if args.json is not None:  # as it goes: a long run can be stopped
+                    args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if args.plot is not None:
+        plot_records(records, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
