@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14, the end of the campaign: for every campaign run that has finished (state.json says
-# "finished": true), export its validation-selected weights as version 2 of its shipped name,
+# "finished": true), export its validation-selected weights (training.selection: the trainer's
+# selection unless its PGD-10 is masked there) as version 2 of its shipped name,
 # then run its audits (items 5 and 6) from one queue shared by WORKERS one-thread workers. A
 # model's audits start as soon as its own run has finished, so while the other run still
 # trains, one worker audits beside it (WORKERS=1) and the two cores stay busy.
@@ -83,9 +84,15 @@ exec {export_fd}> "$LOCKS/export.lock"
 flock "$export_fd" # two copies of this script (one per finished run) must not export at once
 for m in "${MODELS[@]}"; do
     if [ "$(json_field "model_store/$m/manifest.json" 'd["version"]')" != 2 ]; then
+        run=training/state/campaign-$m
+        # the weights: the trainer's selection unless its PGD-10 is masked on them (PGD-10 on
+        # the solver's gradient, every committed snapshot, validation images: training.selection)
+        echo "== $(date -u +%FT%TZ) robustness history and selection of $m"
+        "$PY" -m training.robust_history "$run" --n 256 --threads 1 --json "$run/robust_history.json"
+        "$PY" -m training.selection "$run" --history "$run/robust_history.json" --write
         echo "== $(date -u +%FT%TZ) export $m@2"
-        "$PY" -m training.evaluate --run "training/state/campaign-$m" --store model_store \
-            --name "$m" --version 2 --weights best --n-test "$N" --threads 1 --batch-size 100
+        "$PY" -m training.evaluate --run "$run" --store model_store \
+            --name "$m" --version 2 --weights selection --n-test "$N" --threads 1 --batch-size 100
     fi
 done
 "$PY" -m training.curves training/state/campaign-micro-trades training/state/campaign-micro-trades-ri \

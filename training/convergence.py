@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -38,8 +37,9 @@ from deqguard.dynamics import deq_forward
 from deqguard.models import MDEQClassifier
 from training.checkpoint import BEST_JSON, BEST_WEIGHTS, STATE_JSON, STATE_WEIGHTS
 from training.evaluate import load_run_model
+from training.snapshots import committed_snapshots
 
-__all__ = ["DynamicsStats", "dynamics_stats", "main", "plot_records"]
+__all__ = ["DynamicsStats", "committed_snapshots", "dynamics_stats", "main", "plot_records"]
 
 
 @dataclass(frozen=True)
@@ -101,25 +101,6 @@ def dynamics_stats(
         long_residual_median=round(lres.median().item(), 4),
         long_agreement=round(torch.stack(agree).sum().item() / n, 4),
     )
-
-
-def _git(cwd: Path, *args: str) -> bytes:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True).stdout
-
-
-def committed_snapshots(run_dir: Path, into: Path) -> list[tuple[str, Path]]:
-    """(commit, run directory under ``into``) of every committed version of the run's state,
-    oldest first: each directory holds that commit's state pair and config."""
-    top = Path(_git(run_dir, "rev-parse", "--show-toplevel").decode().strip())
-    rel = run_dir.resolve().relative_to(top.resolve())
-    revs = _git(top, "log", "--format=%H", "--", str(rel / STATE_WEIGHTS)).decode().split()
-    out = []
-    for rev in reversed(revs):
-        d = Path(tempfile.mkdtemp(dir=into, prefix=rev[:7] + "-"))
-        for name in (STATE_WEIGHTS, STATE_JSON, "config.json"):
-            (d / name).write_bytes(_git(top, "show", f"{rev}:{rel / name}"))
-        out.append((rev[:7], d))
-    return out
 
 
 def _model(run_dir: Path, which: str) -> tuple[MDEQClassifier, int, SolverConfig]:

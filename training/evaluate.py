@@ -29,6 +29,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ from deqguard.data import dataset_fingerprint, load_test
 from deqguard.dynamics import deq_forward
 from deqguard.models import MDEQClassifier, build_model
 from training.checkpoint import read_best, read_state
+from training.selection import read_selection
+from training.snapshots import state_at
 
 __all__ = ["eq11_surrogate", "robust_correct", "main"]
 
@@ -101,15 +104,23 @@ def robust_correct(
 
 
 def load_run_model(run_dir: Path, which: str = "best") -> tuple[MDEQClassifier, dict[str, Any]]:
-    """The model of a run (``best``: selected on val PGD; ``last``: the latest state) and the
-    metadata written beside its weights."""
+    """The model of a run and the metadata written beside its weights. ``which``: ``best``
+    (the trainer's selection on val PGD), ``last`` (the latest state), ``rev:<commit>`` (the
+    state committed at that commit) or ``selection`` (what ``training.selection`` wrote)."""
     cfg = json.loads((run_dir / "config.json").read_text())
     overrides = {} if cfg.get("dropout") is None else {"dropout": cfg["dropout"]}
     model = build_model(cfg["model"], **overrides)
+    if which == "selection":
+        which = read_selection(run_dir)["weights"]
     if which == "best":
         weights, meta = read_best(run_dir)
-    else:
+    elif which.startswith("rev:"):
+        with tempfile.TemporaryDirectory(prefix="deqguard-snapshot-") as into:
+            weights, _, meta = read_state(state_at(run_dir, which.removeprefix("rev:"), Path(into)))
+    elif which == "last":
         weights, _, meta = read_state(run_dir)
+    else:
+        raise ValueError(f"weights must be best, last, selection or rev:<commit>, got {which!r}")
     model.load_state_dict(weights)
     return model.eval(), meta
 
@@ -129,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="model store root to export into")
     p.add_argument("--name", default=None, help="store entry name (default: the run's name)")
     p.add_argument("--version", default="1")
-    p.add_argument("--weights", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--weights",
+        default="best",
+        help="best (the trainer's selection), last, rev:<commit> (a committed state) or"
+        " selection (<run>/selection.json, from python -m training.selection)",
+    )
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--screen", type=int, default=200, help="test images for the grid screen")
     p.add_argument("--grid", default="1:1:1,2:1:1,1:4:0.5,3:4:0.5")
@@ -313,8 +329,7 @@ def _export(
         "pretrain_steps_done": int(last.get("pretrain_end", -1)),
         "training_minutes": round(float(last["elapsed_s"]) / 60, 1),
         "finished": bool(last["finished"]),
-        "selection": "best val PGD-10 on the first "
-        f"{cfg['val_samples']} images of the held-out validation split",
+        "selection": _selection_text(args.weights, run_dir, cfg),
         "validation_history": last["history"],
         "hardware": "CPU, 1 thread per run (2-core shared machines, several sessions)",
     }
@@ -331,6 +346,20 @@ def _export(
         notes="CPU-budget recipe; see docs/TRAINING.md and docs/MODEL_CARD.md",
     )
     print(f"wrote {entry}", flush=True)
+
+
+def _selection_text(weights: str, run_dir: Path, cfg: dict[str, Any]) -> str:
+    """How the exported weights were chosen (the manifest's ``training_args.selection``)."""
+    trainer = (
+        f"best val PGD-10 on the first {cfg['val_samples']} images of the held-out validation"
+        " split (the trainer's selection)"
+    )
+    if weights == "best":
+        return trainer
+    if weights == "selection":
+        sel = read_selection(run_dir)
+        return f"{sel['rule']}: {sel['reason']} (weights {sel['weights']})"
+    return f"weights {weights}, chosen by hand (not a validation selection)"
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from deqguard.data import load_cifar10, train_val_split
 from deqguard.defense import DefenseParams
 from deqguard.models import MDEQClassifier, prepare_for_inference
 from training.checkpoint import BEST_JSON, STATE_JSON
-from training.convergence import _model, committed_snapshots
+from training.convergence import _model
+from training.snapshots import committed_snapshots
 
 __all__ = ["main", "robust_accuracies"]
 

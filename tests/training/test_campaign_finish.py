@@ -86,6 +86,10 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
     assert len(dirs) == 6 and all("/micro-trades-ri@2-" in d for d in dirs)
     exports = [c for c in calls if "training.evaluate" in c]
     assert len(exports) == 1 and "--name micro-trades-ri" in exports[0]
+    # the weights exported are training.selection's, chosen on the robustness history
+    assert "--weights selection" in exports[0]
+    steps = [c.split()[1] for c in calls if c.split()[1].startswith("training.")]
+    assert steps[:3] == ["training.robust_history", "training.selection", "training.evaluate"]
     # the first stage is item 5's target check on 1,000 images; the defended worst case
     # (quick, adaptive, Square) comes before the two grid + AutoAttack audits, the undefended
     # one (the longest) last
