@@ -62,7 +62,7 @@ from deqguard.audit.gate import DeviceGate, gate_model
 from deqguard.audit.report import build_report
 from deqguard.audit.store import AuditStore, StateFile
 from deqguard.configs import SolverConfig
-from deqguard.defense import DefenseParams, DefenseResult, defended_forward
+from deqguard.defense import DefenseParams, DefenseResult, defended_forward, served_logits
 from deqguard.dynamics import deq_forward
 from deqguard.models.mdeq import MDEQClassifier
 
@@ -268,7 +268,7 @@ class AuditRunner:
         params = cfg.defense_params
 
         def decide(v: Tensor) -> Tensor:
-            return defended_forward(model, v, params, self.solver, steps=cfg.steps).logits
+            return served_logits(model, v, params, self.solver, steps=cfg.steps)
 
         if plan.kind == "pgd":
             pgd = PGDConfig(

@@ -12,6 +12,7 @@ from deqguard.defense.entropy import (
     DefenseTrace,
     defended_forward,
     entropy_descent,
+    served_logits,
 )
 from deqguard.defense.params import (
     DEFENSE_FIELDS,
@@ -43,4 +44,5 @@ __all__ = [
     "get_preset",
     "list_presets",
     "resolve_defense",
+    "served_logits",
 ]

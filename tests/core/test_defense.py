@@ -222,3 +222,29 @@ def test_should_stop_changes_nothing_until_it_stops_the_forward(model, images) -
         with pytest.raises(DefenseStopped):
             defended_forward(model, x, params, steps=4, should_stop=after_k)
         assert len(seen) == k + 1  # stopped at the first check that said so
+
+
+@pytest.mark.parametrize("state", [None, 3])
+@pytest.mark.parametrize("tol", [0.0, "median"])
+def test_served_logits_are_the_defended_forwards(model, state, tol) -> None:
+    """The attacks' judge skips the per-step heads without the defense; the logits may change
+    by float rounding only (with an early state, and with rows frozen part-way by the
+    tolerance): the same iterates, the head on fewer rows."""
+    from deqguard.configs import SolverConfig
+    from deqguard.defense import served_logits
+
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    if tol == "median":  # half the rows freeze before step 6
+        with torch.no_grad():
+            res = deq_forward(model, x, SolverConfig(max_steps=4, tol=0.0)).residuals
+        assert res is not None
+        tol = float(res[-1].median())
+    solver = SolverConfig(max_steps=6, tol=tol)
+    for params in (DefenseParams(R=0, state=state), DefenseParams(R=2, Tf=3, state=state)):
+        with torch.no_grad():
+            want = defended_forward(model, x, params, solver, steps=6).logits
+            got = served_logits(model, x, params, solver, steps=6)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), (params, (got - want).abs().max())
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        if params.active:
+            assert torch.equal(got, want)  # defended_forward itself
