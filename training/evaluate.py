@@ -183,11 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval_set": f"CIFAR-10 test, first {args.n_test} images (official order)",
         "attack": "l_inf eps 8/255, 10 steps of 2/255, uniform random start, seed 0",
         "decision": f"undefended, head at z[{n}] (Broyden, {n} steps)",
-        "val_pgd10_acc": float(ckpt.get("val_pgd", float("nan"))),
-        "val_clean_acc": float(ckpt.get("val_clean", float("nan"))),
         "eval_machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
     }
+    metrics.update(_validation_metrics(args.weights, run_dir, ckpt))
     name = args.name or cfg["name"]
     if args.extra_final_ka is not None:
         # one more final-state attack (e.g. the authors' 1 + 9 unroll)
@@ -346,6 +345,26 @@ def _export(
         notes="CPU-budget recipe; see docs/TRAINING.md and docs/MODEL_CARD.md",
     )
     print(f"wrote {entry}", flush=True)
+
+
+def _validation_metrics(weights: str, run_dir: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The exported weights' validation figures: the trainer's (``val_*`` beside its selected
+    weights), or with ``selection`` the robustness history's it was chosen on (PGD-10 with both
+    gradients); none for a snapshot without them (no NaN in a manifest)."""
+    if weights == "selection":
+        sel = read_selection(run_dir)
+        return {
+            "val_clean_acc": sel["clean"],
+            "val_pgd10_acc": sel["pgd10_unrolled"],
+            "val_pgd10_solver_acc": sel["pgd10_solver"],
+            "val_n_images": sel["n"],
+        }
+    out = {}
+    if "val_pgd" in ckpt:
+        out["val_pgd10_acc"] = float(ckpt["val_pgd"])
+    if "val_clean" in ckpt:
+        out["val_clean_acc"] = float(ckpt["val_clean"])
+    return out
 
 
 def _selection_text(weights: str, run_dir: Path, cfg: dict[str, Any]) -> str:

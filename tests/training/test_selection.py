@@ -80,3 +80,22 @@ def test_evaluate_loads_the_committed_state_the_selection_names(tmp_path: Path) 
     assert meta["step"] == 3
     with pytest.raises(ValueError, match="weights must be"):
         load_run_model(run, "newest")
+
+
+def test_an_export_carries_the_validation_figures_it_was_chosen_on(tmp_path: Path) -> None:
+    from training.evaluate import _selection_text, _validation_metrics
+
+    sel = {"weights": "rev:abc1234", "step": 3, "clean": 0.6, "pgd10_unrolled": 0.3,
+           "pgd10_solver": 0.25, "n": 256, "rule": "training.selection (MASKED_GAP 0.05)",
+           "reason": "the trainer's selection is masked"}  # fmt: skip
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    got = _validation_metrics("selection", tmp_path, {})
+    assert got == {"val_clean_acc": 0.6, "val_pgd10_acc": 0.3, "val_pgd10_solver_acc": 0.25,
+                   "val_n_images": 256}  # fmt: skip
+    assert _validation_metrics("last", tmp_path, {"step": 9}) == {}  # no NaN in a manifest
+    assert _validation_metrics("best", tmp_path, {"val_pgd": 0.3, "val_clean": 0.6}) == {
+        "val_pgd10_acc": 0.3,
+        "val_clean_acc": 0.6,
+    }
+    text = _selection_text("selection", tmp_path, {"val_samples": 500})
+    assert "masked" in text and "rev:abc1234" in text
