@@ -44,7 +44,9 @@
 # run on a batch's survivors, which larger batches keep efficient; audits resume mid-batch, so
 # a larger batch risks no more at a session's end) and SUFFIX (appended to every audit
 # directory; an audit resumes only under the batch size it started with, so a GPU run with
-# large batches writes its own directories: DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8).
+# large batches writes its own directories: DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8), EXPORT
+# (1; 0: never export, audit only the models already at version 2: a machine without the git
+# history or the training split, which the export's selection reads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -57,6 +59,7 @@ LOCKS=${LOCKS:-/tmp/deqguard-campaign-locks}
 DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-128}
 SUFFIX=${SUFFIX:-}
+EXPORT=${EXPORT:-1}
 export OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 ALL=(micro-trades micro-trades-ri)
 [ -n "${ONLY:-}" ] && ALL=("$ONLY")
@@ -82,8 +85,13 @@ fi
 
 exec {export_fd}> "$LOCKS/export.lock"
 flock "$export_fd" # two copies of this script (one per finished run) must not export at once
+EXPORTED=()
 for m in "${MODELS[@]}"; do
     if [ "$(json_field "model_store/$m/manifest.json" 'd["version"]')" != 2 ]; then
+        if [ "$EXPORT" = 0 ]; then # e.g. on a GPU machine: no git history, no training split
+            echo "$m@2 is not exported yet (EXPORT=0): its audits wait" >&2
+            continue
+        fi
         run=training/state/campaign-$m
         # the weights: the trainer's selection unless its PGD-10 is masked on them (PGD-10 on
         # the solver's gradient, every committed snapshot, validation images: training.selection)
@@ -94,7 +102,9 @@ for m in "${MODELS[@]}"; do
         "$PY" -m training.evaluate --run "$run" --store model_store \
             --name "$m" --version 2 --weights selection --n-test "$N" --threads 1 --batch-size 100
     fi
+    EXPORTED+=("$m")
 done
+MODELS=("${EXPORTED[@]}")
 "$PY" -m training.curves training/state/campaign-micro-trades training/state/campaign-micro-trades-ri \
     --out docs/training-curves.png
 exec {export_fd}>&-

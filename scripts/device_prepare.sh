@@ -16,7 +16,7 @@
 # Audits of the exported campaign models on the GPU (docs/TRAINING.md, "Audits on a GPU"):
 #   carry: [".device"], timeout_s: 560, command:
 #   export PYTHONPATH=$PWD/.device/site:$PWD DEQGUARD_DATA_DIR=$PWD/.device PYTHONUNBUFFERED=1;
-#   PY=python3 DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8 timeout 480 scripts/campaign_finish.sh;
+#   PY=python3 DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8 EXPORT=0 timeout 480 scripts/campaign_finish.sh;
 #   pkill -f 'deqguard.cli audit'; sleep 3; tar czf $OUT/audits-cuda.tgz docs/audits/*-cuda
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -129,6 +129,18 @@ def test_an_audit_begun_before_model_form_resumes_on_the_trained_module(tmp_path
         assert ("--model-form training" in c) == ("-off-quick9-solver-" in c), c
 
 
+def test_without_export_only_the_exported_models_are_audited(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {m: True for m in MODELS})
+    (tree / "model_store" / "micro-trades-ri" / "manifest.json").write_text('{"version": 2}')
+    proc, calls = _run(tree, workers=2, EXPORT="0")
+    assert proc.returncode == 0, proc.stderr
+    assert "micro-trades@2 is not exported yet" in proc.stderr
+    exporting = ("training.robust_history", "training.selection", "training.evaluate")
+    assert not any(c.split()[1] in exporting for c in calls)  # nothing exported
+    dirs = _audit_dirs(calls)
+    assert len(dirs) == 6 and all("/micro-trades-ri@2-" in d for d in dirs)
+
+
 def test_nothing_finished_is_an_error_that_says_so(tmp_path: Path) -> None:
     tree = _tree(tmp_path, {m: False for m in MODELS})
     proc, calls = _run(tree, workers=2)
