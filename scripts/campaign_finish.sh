@@ -104,6 +104,10 @@ for m in "${MODELS[@]}"; do
     fi
     EXPORTED+=("$m")
 done
+if [ ${#EXPORTED[@]} -eq 0 ]; then
+    echo "no exported model to audit" >&2
+    exit 0
+fi
 MODELS=("${EXPORTED[@]}")
 "$PY" -m training.curves training/state/campaign-micro-trades training/state/campaign-micro-trades-ri \
     --out docs/training-curves.png
