@@ -1,11 +1,13 @@
-"""A/B of the audits' judge without the defense: ``defended_forward(...).logits`` (a head at
-every state, for the per-step entropy) against ``served_logits`` (one head, at the served
-state), on the served copy of ``micro-trades-ri@2``.
+"""A/B of the served prediction without the defense, as the audits compute it: through
+``defended_forward`` (a head at every state, for the per-step entropy) against one head at the
+served state (``served_logits``; with ``--grad``, ``solve_and_classify`` under autograd, the
+undefended ``SolverGradSurrogate``), on the served copy of ``micro-trades-ri@2``.
 
-    python benchmarks/ab_served_logits.py [-n 128]
+    python benchmarks/ab_served_logits.py [-n 128]           # the judge: no autograd
+    python benchmarks/ab_served_logits.py --grad [-n 128]    # an attack step: forward + backward
 
-One thread, no autograd; pause other jobs (SIGSTOP). Prints the largest logit difference, whether
-the decisions agree, and wall seconds (2 x 3 alternating repeats).
+One thread; pause other jobs (SIGSTOP). Prints the largest logit (and gradient) difference,
+whether the decisions agree, and wall seconds (6 alternating repeats after a warm-up).
 """
 
 from __future__ import annotations
@@ -13,39 +15,68 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from deqguard.cpu_memory import retain_freed_memory
 from deqguard.data import load_test
 from deqguard.defense import DefenseParams, defended_forward, served_logits
+from deqguard.dynamics import solve_and_classify
+from deqguard.solvers.broyden import DifferentiableBroydenSolver
 from deqguard.store import default_store_root, load_entry
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=128, help="first n test images (one batch)")
+    p.add_argument("--grad", action="store_true", help="forward + backward to the input")
     args = p.parse_args()
     torch.set_num_threads(1)
     retain_freed_memory()
     entry = load_entry(default_store_root(), "micro-trades-ri@2", "cpu", inference=True)
     model, solver, off = entry.model, entry.manifest.solver, DefenseParams(R=0)
-    x = load_test(n=args.n).float_images("cpu")
-    runs = {
-        "defended_forward": lambda: defended_forward(model, x, off, solver, steps=8).logits,
-        "served_logits": lambda: served_logits(model, x, off, solver, steps=8),
-    }
-    with torch.no_grad():
-        a, b = (f() for f in runs.values())
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(6):
-            for k, f in runs.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(round(time.perf_counter() - t, 3))
-    print(json.dumps({"n": args.n, "logit_max_abs_diff": float((a - b).abs().max()),
-                      "decisions_agree": int((a.argmax(1) == b.argmax(1)).sum()),
-                      "wall_s": times}))  # fmt: skip
+    split = load_test(n=args.n)
+    x, y = split.float_images("cpu"), split.labels
+    forwards: dict[str, Callable[[Tensor], Tensor]]
+    if args.grad:
+        diff = DifferentiableBroydenSolver(solver)
+        forwards = {
+            "defended_forward": lambda v: (
+                defended_forward(model, v, off, diff, steps=8, differentiable="bpda").logits
+            ),
+            "solve_and_classify": lambda v: (
+                solve_and_classify(model, v, diff, steps=8, record=False).logits
+            ),
+        }
+    else:
+        forwards = {
+            "defended_forward": lambda v: defended_forward(model, v, off, solver, steps=8).logits,
+            "served_logits": lambda v: served_logits(model, v, off, solver, steps=8),
+        }
+
+    def run(f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
+        if not args.grad:
+            with torch.no_grad():
+                return f(x), None
+        xx = x.clone().requires_grad_(True)
+        logits = f(xx)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
+        return logits.detach(), grad
+
+    (a, ga), (b, gb) = (run(f) for f in forwards.values())
+    times: dict[str, list[float]] = {k: [] for k in forwards}
+    for _ in range(6):
+        for k, f in forwards.items():
+            t = time.perf_counter()
+            run(f)
+            times[k].append(round(time.perf_counter() - t, 3))
+    out = {"n": args.n, "grad": args.grad, "logit_max_abs_diff": float((a - b).abs().max()),
+           "decisions_agree": int((a.argmax(1) == b.argmax(1)).sum()), "wall_s": times}  # fmt: skip
+    if ga is not None and gb is not None:
+        out["grad_max_abs_diff"] = float((ga - gb).abs().max())
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

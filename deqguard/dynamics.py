@@ -35,6 +35,7 @@ __all__ = [
     "head_on_states",
     "prediction_entropy",
     "resolve_solver",
+    "solve_and_classify",
 ]
 
 
@@ -150,7 +151,28 @@ def deq_forward(
     record: bool = True,
     step_logits: bool | None = None,
 ) -> DEQResult:
-    """Solve z = f(z; x) from z = 0 and classify.
+    """Solve z = f(z; x) from z = 0 and classify, without autograd (the served path; see
+    :func:`solve_and_classify` for the arguments and for the same with a graph)."""
+    return solve_and_classify(
+        model, x, solver, steps=steps, state_index=state_index, record=record,
+        step_logits=step_logits,
+    )  # fmt: skip
+
+
+def solve_and_classify(
+    model: MDEQClassifier,
+    x: Tensor,
+    solver: SolverConfig | FixedPointSolver | None = None,
+    *,
+    steps: int | None = None,
+    state_index: int | Tensor | None = None,
+    record: bool = True,
+    step_logits: bool | None = None,
+) -> DEQResult:
+    """Solve z = f(z; x) from z = 0 and classify, under the caller's autograd mode: with a
+    solver whose memory writes are out of place (``DifferentiableBroydenSolver``, Picard) the
+    logits carry a graph to ``x`` through every solver step (an attack on the served
+    prediction's own gradient).
 
     Args:
         model: the MDEQ classifier (its train/eval mode is respected).

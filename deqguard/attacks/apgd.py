@@ -27,7 +27,7 @@ from torch import Tensor
 from deqguard.attacks.surrogates import DefendedSurrogate, DefenseGrad, IntermediateSpec
 from deqguard.configs import DEFAULT_SOLVER_STEPS, SolverConfig
 from deqguard.defense import DefenseParams, defended_forward
-from deqguard.dynamics import resolve_solver
+from deqguard.dynamics import resolve_solver, solve_and_classify
 from deqguard.models.mdeq import MDEQClassifier
 from deqguard.solvers import FixedPointSolver
 from deqguard.solvers.broyden import DifferentiableBroydenSolver
@@ -87,10 +87,14 @@ class SolverGradSurrogate(torch.nn.Module):
     Why: the Ka-step unrolling of :class:`ServedSurrogate` is the gradient of the served
     prediction only near a fixed point; a model whose 8 Broyden steps do not converge (plain
     TRADES late in the campaign, ``docs/TRAINING.md``) depends on its input through every step,
-    which only this gradient sees. It is one ``defended_forward(..., differentiable=grad)``
-    (R = 0 when undefended) with Broyden run as :class:`DifferentiableBroydenSolver` (same
-    iterates, out-of-place memory; Picard has no memory to copy), so its value is the served
-    one bit for bit; it costs that forward with graph and its backward.
+    which only this gradient sees. Through the defense it is one ``defended_forward(...,
+    differentiable=grad)`` (the served values bit for bit); undefended, one
+    :func:`~deqguard.dynamics.solve_and_classify` with the head at the served state only (the
+    served iterates; the logits equal to float rounding, the head running on fewer rows than
+    ``defended_forward``'s per-step heads; about 18% less time per step than through
+    ``defended_forward`` at R = 0: ``benchmarks/ab_served_logits.py --grad``). Broyden runs as
+    :class:`DifferentiableBroydenSolver` (same iterates, out-of-place memory; Picard has no
+    memory to copy); it costs that forward with graph and its backward.
     """
 
     def __init__(
@@ -125,9 +129,12 @@ class SolverGradSurrogate(torch.nn.Module):
         return f"served-{kind}-solver-grad-z{self.state}"
 
     def forward(self, x: Tensor) -> Tensor:
-        params = self.params or DefenseParams(R=0, state=self.state)
+        if self.params is None:  # one solve with its graph, one head at the served state
+            return solve_and_classify(
+                self.model, x, self.solver, steps=self.steps, state_index=self.state, record=False
+            ).logits.float()
         return defended_forward(
-            self.model, x, params, self.solver, steps=self.steps, differentiable=self.grad
+            self.model, x, self.params, self.solver, steps=self.steps, differentiable=self.grad
         ).logits.float()
 
 

@@ -122,11 +122,21 @@ def test_the_gradient_is_the_served_predictions_own() -> None:
     assert (unrolled - want).abs().max() > 100 * (exact - want).abs().max()  # the contrast
 
 
-def test_its_value_is_the_served_logits_bit_for_bit(model) -> None:
+@pytest.mark.parametrize("state", [None, 5])
+def test_its_value_is_the_served_logits(model, state) -> None:
+    """Undefended: the served solve's logits (deq_forward, one head at the served state) bit
+    for bit, and defended_forward's at R = 0 to float rounding (its head runs on every state)."""
+    from deqguard.dynamics import deq_forward
+
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    served = defended_forward(model, x, DefenseParams(R=0), None, steps=8).logits
-    surrogate = SolverGradSurrogate(model, None, steps=8)
-    assert torch.equal(surrogate(x.clone().requires_grad_(True)).detach(), served)
+    served = deq_forward(model, x, None, steps=8, state_index=state, record=False).logits
+    defended = defended_forward(model, x, DefenseParams(R=0, state=state), None, steps=8).logits
+    surrogate = SolverGradSurrogate(model, None, steps=8, state=state)
+    got = surrogate(x.clone().requires_grad_(True))
+    assert got.requires_grad  # the graph to x
+    assert torch.equal(got.detach(), served)
+    torch.testing.assert_close(got.detach(), defended, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(1), defended.argmax(1))
     with pytest.raises(ValueError, match="served state"):
         SolverGradSurrogate(model, None, steps=8, state=9)
     with pytest.raises(ValueError, match="anderson"):
