@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description and docs/BENCHMARKS.md sections."""
+"""Helpers shared by the benchmark scripts: machine description, docs/BENCHMARKS.md sections, and
+the A/B scripts' input gradient and alternating timing."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import os
 import platform
 import re
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "docs" / "BENCHMARKS.md"
@@ -64,3 +68,25 @@ def write_section(key: str, body: str) -> None:
         else text.rstrip() + "\n\n" + block + "\n"
     )
     BENCHMARKS_MD.write_text(text)
+
+
+def input_gradient(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, d CE / d x) of ``fn`` at x [B, 3, H, W] with labels y [B]: one attack step."""
+    xx = x.clone().requires_grad_(True)
+    logits = fn(xx)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
+    return logits.detach(), grad
+
+
+def alternating_wall_s(
+    runs: dict[str, Callable[[], object]], repeats: int, digits: int = 2
+) -> dict[str, list[float]]:
+    """Wall seconds of each run, ``repeats`` rounds of all of them in turn (an A/B in one
+    process: machine drift hits both alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(round(time.perf_counter() - t, digits))
+    return times

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from deqguard.attacks.apgd import SolverGradSurrogate
 from deqguard.cpu_memory import retain_freed_memory
 from deqguard.data import load_test
 from deqguard.defense import DefenseParams, get_preset
 from deqguard.store import default_store_root, load_entry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import alternating_wall_s, input_gradient  # noqa: E402
 
 MODEL = "micro-trades-ri@2"
 
@@ -46,20 +49,10 @@ def main() -> None:
             entry.model.eval(), entry.manifest.solver, params=params
         )
 
-    def step(surrogate: SolverGradSurrogate) -> tuple[Tensor, Tensor]:
-        xx = x.clone().requires_grad_(True)
-        logits = surrogate(xx)
-        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
-        return logits.detach(), grad
-
-    (la, ga), (lb, gb) = step(surrogates["training"]), step(surrogates["served"])
+    (la, ga), (lb, gb) = (input_gradient(surrogates[f], x, y) for f in ("training", "served"))
     cos = torch.nn.functional.cosine_similarity(ga.flatten(1), gb.flatten(1))
-    times: dict[str, list[float]] = {form: [] for form in surrogates}
-    for _ in range(3):
-        for form, surrogate in surrogates.items():
-            t = time.perf_counter()
-            step(surrogate)
-            times[form].append(round(time.perf_counter() - t, 2))
+    runs = {form: (lambda s=s: input_gradient(s, x, y)) for form, s in surrogates.items()}
+    times = alternating_wall_s(runs, 3)
     print(
         json.dumps(
             {

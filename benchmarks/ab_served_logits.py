@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ from deqguard.defense import DefenseParams, defended_forward, served_logits
 from deqguard.dynamics import solve_and_classify
 from deqguard.solvers.broyden import DifferentiableBroydenSolver
 from deqguard.store import default_store_root, load_entry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import alternating_wall_s, input_gradient  # noqa: E402
 
 
 def main() -> None:
@@ -57,21 +61,13 @@ def main() -> None:
         }
 
     def run(f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
-        if not args.grad:
-            with torch.no_grad():
-                return f(x), None
-        xx = x.clone().requires_grad_(True)
-        logits = f(xx)
-        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
-        return logits.detach(), grad
+        if args.grad:
+            return input_gradient(f, x, y)
+        with torch.no_grad():
+            return f(x), None
 
     (a, ga), (b, gb) = (run(f) for f in forwards.values())
-    times: dict[str, list[float]] = {k: [] for k in forwards}
-    for _ in range(6):
-        for k, f in forwards.items():
-            t = time.perf_counter()
-            run(f)
-            times[k].append(round(time.perf_counter() - t, 3))
+    times = alternating_wall_s({k: (lambda f=f: run(f)) for k, f in forwards.items()}, 6, 3)
     out = {"n": args.n, "grad": args.grad, "logit_max_abs_diff": float((a - b).abs().max()),
            "decisions_agree": int((a.argmax(1) == b.argmax(1)).sum()), "wall_s": times}  # fmt: skip
     if ga is not None and gb is not None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,9 @@ from deqguard.data import load_test
 from deqguard.solvers.base import SolverState
 from deqguard.solvers.broyden import BroydenSolver, DifferentiableBroydenSolver
 from deqguard.store import default_store_root, load_entry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import alternating_wall_s, input_gradient  # noqa: E402
 
 
 class SlotsBroyden(BroydenSolver):
@@ -73,19 +77,9 @@ def main() -> None:
         surrogate.solver = cls(cfg)
         surrogates[name] = surrogate
 
-    def step(surrogate: SolverGradSurrogate) -> tuple[Tensor, Tensor]:
-        xx = x.clone().requires_grad_(True)
-        logits = surrogate(xx)
-        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
-        return logits.detach(), grad
-
-    out = {name: step(s) for name, s in surrogates.items()}  # also the warm-up
-    times: dict[str, list[float]] = {name: [] for name in surrogates}
-    for _ in range(args.repeats):
-        for name, surrogate in surrogates.items():
-            t = time.perf_counter()
-            step(surrogate)
-            times[name].append(round(time.perf_counter() - t, 2))
+    out = {name: input_gradient(s, x, y) for name, s in surrogates.items()}  # also the warm-up
+    runs = {name: (lambda s=s: input_gradient(s, x, y)) for name, s in surrogates.items()}
+    times = alternating_wall_s(runs, args.repeats)
     print(
         json.dumps(
             {

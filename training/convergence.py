@@ -32,14 +32,11 @@ import torch
 from torch import Tensor
 
 from deqguard.configs import SolverConfig
-from deqguard.data import load_cifar10, train_val_split
 from deqguard.dynamics import deq_forward
 from deqguard.models import MDEQClassifier
-from training.checkpoint import BEST_JSON, BEST_WEIGHTS, STATE_JSON, STATE_WEIGHTS
-from training.evaluate import load_run_model
-from training.snapshots import committed_snapshots
+from training.history import add_history_arguments, history_images, run_checkpoints
 
-__all__ = ["DynamicsStats", "committed_snapshots", "dynamics_stats", "main", "plot_records"]
+__all__ = ["DynamicsStats", "dynamics_stats", "main", "plot_records"]
 
 
 @dataclass(frozen=True)
@@ -103,17 +100,6 @@ def dynamics_stats(
     )
 
 
-def _model(run_dir: Path, which: str) -> tuple[MDEQClassifier, int, SolverConfig]:
-    """The run's model (``best`` or ``last`` weights), its step and its training solver."""
-    cfg = json.loads((run_dir / "config.json").read_text())
-    model, meta = load_run_model(run_dir, which)
-    return (
-        model,
-        int(meta["step"]),
-        SolverConfig(name=cfg["solver"], max_steps=int(cfg["solver_steps"])),
-    )
-
-
 def _row(run: str, weights: str, step: int, s: DynamicsStats) -> str:
     acc = " / ".join(f"{100 * a:.1f}" for a in s.step_acc)
     return (
@@ -168,29 +154,14 @@ def plot_records(records: list[dict[str, Any]], out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.convergence", description=__doc__)
-    p.add_argument("runs", nargs="*", type=Path, help="run directories (training/state/<name>)")
-    p.add_argument("--n", type=int, default=256, help="first n validation images")
+    add_history_arguments(p)
     p.add_argument("--long-steps", type=int, default=30)
     p.add_argument("--history", action="store_true", help="also every committed state snapshot")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.add_argument("--plot", type=Path, default=None, help="draw them into this PNG")
-    p.add_argument("--from-json", type=Path, default=None, help="only redraw --plot from a --json")
     args = p.parse_args(argv)
-    if args.from_json is not None:
-        if args.plot is None:
-            p.error("--from-json needs --plot")
-        plot_records(json.loads(args.from_json.read_text()), args.plot)
+    images = history_images(p, args, plot_records)
+    if images is None:
         return 0
-    if not args.runs:
-        p.error("name at least one run directory")
-    torch.set_num_threads(args.threads)
-    for run in args.runs:
-        if not (run / BEST_JSON).exists() and not (run / STATE_JSON).exists():
-            p.error(f"'{run}' holds no checkpoint ({BEST_WEIGHTS} or {STATE_WEIGHTS})")
-    _, val = train_val_split(load_cifar10(train=True))
-    val = val.head(args.n)
-    x, y = val.float_images(), val.labels
+    x, y = images
     print(
         f"first {args.n} validation images, clean; accuracy at z[1..N]; residual at z[N]"
         f" (median, p90, share under tol); after {args.long_steps} steps: accuracy, median"
@@ -204,22 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     with tempfile.TemporaryDirectory(prefix="deqguard-convergence-") as snapshots:
         for run in args.runs:
-            points: list[tuple[str, Path, str]] = []
-            if args.history:
-                points += [
-                    (f"state @ {rev}", d, "last")
-                    for rev, d in committed_snapshots(run, Path(snapshots))
-                ]
-            points += [("state (now)", run, "last"), ("best", run, "best")]
-            seen: set[tuple[int, str]] = set()
-            for label, where, which in points:
-                model, step, solver = _model(where, which)
-                if (step, which) in seen:  # the working tree's state is its last commit's
-                    continue
-                seen.add((step, which))
-                stats = dynamics_stats(model, x, y, solver, long_steps=args.long_steps)
-                print(_row(run.name, label, step, stats), flush=True)
-                records.append({"run": run.name, "weights": label, "step": step, **asdict(stats)})
+            for c in run_checkpoints(run, Path(snapshots), history=args.history):
+                stats = dynamics_stats(c.model, x, y, c.solver, long_steps=args.long_steps)
+                print(_row(run.name, c.label, c.step, stats), flush=True)
+                records.append(
+                    {"run": run.name, "weights": c.label, "step": c.step, **asdict(stats)}
+                )
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     if args.plot is not None:

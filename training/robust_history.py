@@ -37,12 +37,9 @@ from deqguard.attacks import PGDConfig, pgd_attack
 from deqguard.attacks.apgd import ServedSurrogate, SolverGradSurrogate
 from deqguard.configs import SolverConfig
 from deqguard.cpu_memory import retain_freed_memory
-from deqguard.data import load_cifar10, train_val_split
 from deqguard.defense import DefenseParams
 from deqguard.models import MDEQClassifier, prepare_for_inference
-from training.checkpoint import BEST_JSON, STATE_JSON
-from training.convergence import _model
-from training.snapshots import committed_snapshots
+from training.history import add_history_arguments, history_images, run_checkpoints
 
 __all__ = ["main", "robust_accuracies"]
 
@@ -108,57 +105,32 @@ def plot_records(records: list[dict[str, Any]], out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.robust_history", description=__doc__)
-    p.add_argument("runs", nargs="*", type=Path, help="run directories (training/state/<name>)")
-    p.add_argument("--n", type=int, default=256, help="first n validation images")
+    add_history_arguments(p)
     p.add_argument("--no-history", action="store_true", help="only the current and best weights")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.add_argument("--plot", type=Path, default=None, help="draw them into this PNG")
-    p.add_argument("--from-json", type=Path, default=None, help="only redraw --plot from a --json")
     args = p.parse_args(argv)
-    if args.from_json is not None:
-        if args.plot is None:
-            p.error("--from-json needs --plot")
-        plot_records(json.loads(args.from_json.read_text()), args.plot)
+    images = history_images(p, args, plot_records)
+    if images is None:
         return 0
-    if not args.runs:
-        p.error("name at least one run directory")
-    for run in args.runs:
-        if not (run / BEST_JSON).exists() and not (run / STATE_JSON).exists():
-            p.error(f"'{run}' holds no checkpoint")
-    torch.set_num_threads(args.threads)
+    x, y = images
     retain_freed_memory()
-    _, val = train_val_split(load_cifar10(train=True))
-    val = val.head(args.n)
-    x, y = val.float_images(), val.labels
     print(f"first {args.n} validation images; PGD-10 eps 8/255, best iterate, served z[N]\n")
     print("| run | weights | step | clean | PGD-10 unrolled | PGD-10 solver | s |")
     print("|---|---|---|---|---|---|---|")
     records = []
     with tempfile.TemporaryDirectory(prefix="deqguard-robust-history-") as snapshots:
         for run in args.runs:
-            points: list[tuple[str, Path, str]] = []
-            if not args.no_history:
-                points += [(f"state @ {rev}", d, "last")
-                           for rev, d in committed_snapshots(run, Path(snapshots))]  # fmt: skip
-            points += [("state (now)", run, "last"), ("best", run, "best")]
-            seen: set[tuple[int, str]] = set()
-            for label, where, which in points:
-                model, step, solver = _model(where, which)
-                if (step, which) in seen:
-                    continue
-                seen.add((step, which))
+            for c in run_checkpoints(run, Path(snapshots), history=not args.no_history):
                 t = time.process_time()
-                acc = robust_accuracies(prepare_for_inference(model.eval()), x, y, solver)
+                acc = robust_accuracies(prepare_for_inference(c.model.eval()), x, y, c.solver)
                 cpu_s = round(time.process_time() - t)
                 print(
-                    f"| {run.name} | {label} | {step:,} | {100 * acc['clean']:.1f}%"
+                    f"| {run.name} | {c.label} | {c.step:,} | {100 * acc['clean']:.1f}%"
                     f" | {100 * acc['pgd10_unrolled']:.1f}% | {100 * acc['pgd10_solver']:.1f}%"
                     f" | {cpu_s} |",
                     flush=True,
                 )
                 records.append(
-                    {"run": run.name, "weights": label, "step": step, "n": args.n, **acc}
+                    {"run": run.name, "weights": c.label, "step": c.step, "n": args.n, **acc}
                 )
                 if args.json is not None:  # as it goes: a long run can be stopped
                     args.json.write_text(json.dumps(records, indent=1) + "\n")

@@ -354,6 +354,11 @@ class AuditConfig:
         return get_preset(self.defense) if isinstance(self.defense, str) else self.defense
 
     @property
+    def served_copy(self) -> bool:
+        """Whether the audit attacks the service's eval-only copy (``model_form`` served)."""
+        return self.model_form == "served"
+
+    @property
     def defense_name(self) -> str:
         return self.defense if isinstance(self.defense, str) else "custom"
 

@@ -134,7 +134,7 @@ class AuditRunner:
             from deqguard.store import default_store_root, load_entry
 
             root = cfg.store_root or default_store_root()
-            entry = load_entry(root, cfg.model, cfg.device, inference=cfg.model_form == "served")
+            entry = load_entry(root, cfg.model, cfg.device, inference=cfg.served_copy)
             self.model = entry.model
             self.solver = self.solver or entry.manifest.solver
             self.model_info = {
@@ -157,9 +157,8 @@ class AuditRunner:
             from deqguard.store import default_store_root, load_entry
 
             root = cfg.store_root or default_store_root()
-            served = cfg.model_form == "served"
             self.transfer_model = load_entry(
-                root, cfg.transfer_from, cfg.device, inference=served
+                root, cfg.transfer_from, cfg.device, inference=cfg.served_copy
             ).model
         self.plans: list[AttackPlan] = build_suite(cfg)
         # each attack's seed is its place in the whole suite, so a subset reproduces it

@@ -249,9 +249,7 @@ def open_audit(
     serving pool never changes an audit half-way), gated."""
     from deqguard.data import load_test
 
-    entry = load_entry(
-        model_store, config.model, device=device, inference=config.model_form == "served"
-    )
+    entry = load_entry(model_store, config.model, device=device, inference=config.served_copy)
     manifest: Manifest = entry.manifest
     model = entry.model
     model.requires_grad_(False)
