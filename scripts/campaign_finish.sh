@@ -94,9 +94,11 @@ for m in "${MODELS[@]}"; do
         fi
         run=training/state/campaign-$m
         # the weights: the trainer's selection unless its PGD-10 is masked on them (PGD-10 on
-        # the solver's gradient, every committed snapshot, validation images: training.selection)
+        # the solver's gradient, every committed snapshot, validation images: training.selection);
+        # the snapshots the committed history already measured are taken from it
         echo "== $(date -u +%FT%TZ) robustness history and selection of $m"
-        "$PY" -m training.robust_history "$run" --n 256 --threads 1 --json "$run/robust_history.json"
+        "$PY" -m training.robust_history "$run" --n 256 --threads 1 --json "$run/robust_history.json" \
+            --reuse docs/robust_history.json
         "$PY" -m training.selection "$run" --history "$run/robust_history.json" --write
         echo "== $(date -u +%FT%TZ) export $m@2"
         "$PY" -m training.evaluate --run "$run" --store model_store \

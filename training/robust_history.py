@@ -18,6 +18,12 @@ Usage::
 
 Validation images only (the first ``--n`` of the held-out split), never the test set. The
 model is the served form (``prepare_for_inference``), as an export would serve it.
+
+``--reuse FILE`` takes the records of an earlier history (the committed
+``docs/robust_history.json``) for the weights it already measured, the same run, label, step
+and ``--n`` (a committed snapshot never changes), and measures only the rest: at the end of a
+run that is its last few snapshots instead of all of them (about two CPU minutes each). A
+reused record keeps its figures and names its source (``"reused_from"``).
 """
 
 from __future__ import annotations
@@ -71,6 +77,18 @@ def robust_accuracies(
     return {k: round(v / len(labels), 4) for k, v in hits.items()}
 
 
+def _key(record: dict[str, Any]) -> tuple[str, str, int, int]:
+    return record["run"], record["weights"], int(record["step"]), int(record["n"])
+
+
+def reusable_records(path: Path | None) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    """An earlier history's records by (run, weights label, step, n); measured ones only (a
+    record that was itself reused keeps pointing at where it was measured)."""
+    if path is None or not path.exists():
+        return {}
+    return {_key(r): r for r in json.loads(path.read_text())}
+
+
 def plot_records(records: list[dict[str, Any]], out: Path) -> Path:
     """Per run: clean and both PGD-10 accuracies against the step (star: selected weights)."""
     import matplotlib
@@ -107,12 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.robust_history", description=__doc__)
     add_history_arguments(p)
     p.add_argument("--no-history", action="store_true", help="only the current and best weights")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier --json: take its records of the same weights and --n instead of"
+        " measuring them again (a missing file reuses nothing)",
+    )
     args = p.parse_args(argv)
     images = history_images(p, args, plot_records)
     if images is None:
         return 0
     x, y = images
     retain_freed_memory()
+    earlier = reusable_records(args.reuse)
     print(f"first {args.n} validation images; PGD-10 eps 8/255, best iterate, served z[N]\n")
     print("| run | weights | step | clean | PGD-10 unrolled | PGD-10 solver | s |")
     print("|---|---|---|---|---|---|---|")
@@ -120,18 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deqguard-robust-history-") as snapshots:
         for run in args.runs:
             for c in run_checkpoints(run, Path(snapshots), history=not args.no_history):
+                record: dict[str, Any] = {
+                    "run": run.name, "weights": c.label, "step": c.step, "n": args.n
+                }  # fmt: skip
+                old = earlier.get(_key(record))
                 t = time.process_time()
-                acc = robust_accuracies(prepare_for_inference(c.model.eval()), x, y, c.solver)
-                cpu_s = round(time.process_time() - t)
+                if old is None:
+                    acc = robust_accuracies(prepare_for_inference(c.model.eval()), x, y, c.solver)
+                    record.update(acc)
+                else:
+                    record = {**old, "reused_from": old.get("reused_from", str(args.reuse))}
+                cpu_s = "reused" if old is not None else round(time.process_time() - t)
                 print(
-                    f"| {run.name} | {c.label} | {c.step:,} | {100 * acc['clean']:.1f}%"
-                    f" | {100 * acc['pgd10_unrolled']:.1f}% | {100 * acc['pgd10_solver']:.1f}%"
-                    f" | {cpu_s} |",
+                    f"| {run.name} | {c.label} | {c.step:,} | {100 * record['clean']:.1f}%"
+                    f" | {100 * record['pgd10_unrolled']:.1f}%"
+                    f" | {100 * record['pgd10_solver']:.1f}% | {cpu_s} |",
                     flush=True,
                 )
-                records.append(
-                    {"run": run.name, "weights": c.label, "step": c.step, "n": args.n, **acc}
-                )
+                records.append(record)
                 if args.json is not None:  # as it goes: a long run can be stopped
                     args.json.write_text(json.dumps(records, indent=1) + "\n")
     if args.plot is not None:

@@ -90,6 +90,8 @@ def test_an_unfinished_run_is_neither_exported_nor_audited(tmp_path: Path) -> No
     assert "--weights selection" in exports[0]
     steps = [c.split()[1] for c in calls if c.split()[1].startswith("training.")]
     assert steps[:3] == ["training.robust_history", "training.selection", "training.evaluate"]
+    history = next(c for c in calls if c.startswith("-m training.robust_history"))
+    assert "--reuse docs/robust_history.json" in history  # measured snapshots: not again
     # the first stage is item 5's target check on 1,000 images; the defended worst case
     # (quick, adaptive, Square) comes before the two grid + AutoAttack audits, the undefended
     # one (the longest) last

@@ -84,3 +84,17 @@ def test_the_history_covers_every_committed_state_and_the_selected_weights(tmp_p
     same = ("clean", "pgd10_unrolled", "pgd10_solver")
     assert [records[0][k] for k in same] == [records[2][k] for k in same]  # the same weights
     assert all(r["n"] == 4 and 0 <= r["pgd10_solver"] <= 1 for r in records)
+
+    # --reuse: a record of the same run, weights, step and n is taken, not measured again
+    # (a sentinel figure proves it); one that is missing, or of another n, is measured
+    earlier = [dict(records[0], pgd10_solver=0.123), dict(records[1], n=8)]
+    old = tmp_path / "earlier.json"
+    old.write_text(json.dumps(earlier))
+    again = tmp_path / "again.json"
+    assert main([str(run), "--n", "4", "--json", str(again), "--reuse", str(old)]) == 0
+    got = json.loads(again.read_text())
+    assert got[0]["pgd10_solver"] == 0.123 and got[0]["reused_from"] == str(old)
+    assert [{k: r[k] for k in (*same, "step")} for r in got[1:]] == [
+        {k: r[k] for k in (*same, "step")} for r in records[1:]
+    ]
+    assert all("reused_from" not in r for r in got[1:])
