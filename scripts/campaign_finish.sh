@@ -46,7 +46,9 @@
 # directory; an audit resumes only under the batch size it started with, so a GPU run with
 # large batches writes its own directories: DEVICE=cuda BATCH=256 SUFFIX=-cuda WORKERS=8), EXPORT
 # (1; 0: never export, audit only the models already at version 2: a machine without the git
-# history or the training split, which the export's selection reads).
+# history or the training split, which the export's selection reads), THREADS (1: the threads of
+# the robustness history and the export, which run before any audit; 2 when this script has
+# both cores: campaign_session.sh's FOCUS=train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -60,6 +62,7 @@ DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-128}
 SUFFIX=${SUFFIX:-}
 EXPORT=${EXPORT:-1}
+THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 ALL=(micro-trades micro-trades-ri)
 [ -n "${ONLY:-}" ] && ALL=("$ONLY")
@@ -97,12 +100,12 @@ for m in "${MODELS[@]}"; do
         # the solver's gradient, every committed snapshot, validation images: training.selection);
         # the snapshots the committed history already measured are taken from it
         echo "== $(date -u +%FT%TZ) robustness history and selection of $m"
-        "$PY" -m training.robust_history "$run" --n 256 --threads 1 --json "$run/robust_history.json" \
+        "$PY" -m training.robust_history "$run" --n 256 --threads "$THREADS" --json "$run/robust_history.json" \
             --reuse docs/robust_history.json
         "$PY" -m training.selection "$run" --history "$run/robust_history.json" --write
         echo "== $(date -u +%FT%TZ) export $m@2"
         "$PY" -m training.evaluate --run "$run" --store model_store \
-            --name "$m" --version 2 --weights selection --n-test "$N" --threads 1 --batch-size 100
+            --name "$m" --version 2 --weights selection --n-test "$N" --threads "$THREADS" --batch-size 100
     fi
     EXPORTED+=("$m")
 done

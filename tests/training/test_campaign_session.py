@@ -173,3 +173,52 @@ def test_status_reports_the_rate_and_what_is_left(scratch: Path) -> None:
     assert "campaign-micro-trades: step 10, finished False, 3 steps/h (about 4683.3 h to go)" in (
         status.stdout
     ), status.stdout
+
+
+def test_focus_train_gives_the_last_run_both_cores_then_two_workers(scratch: Path) -> None:
+    repo = _repo(scratch, {"campaign-micro-trades": False, "campaign-micro-trades-ri": True})
+    started = subprocess.run(
+        ["bash", "scripts/campaign_session.sh", "start"],
+        cwd=repo,
+        env=dict(
+            os.environ, PINNED=str(scratch / "pinned"), LOCKS=str(scratch / "locks"), FOCUS="train"
+        ),  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr
+    calls = scratch / "calls.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the chain reaches its two workers' first audits
+        if calls.exists() and calls.read_text().count("deqguard.cli audit") >= 2:
+            break
+        time.sleep(0.2)
+    lines = calls.read_text().splitlines()
+    train = [i for i, c in enumerate(lines) if " train " in f" {c} "]
+    audits = [i for i, c in enumerate(lines) if "deqguard.cli audit" in c]
+    assert len(train) == 1 and "--threads 2" in lines[train[0]]
+    assert "campaign-micro-trades-ri.toml" not in calls.read_text()
+    # no audit beside the training: both workers start after it, one per model's first stage
+    assert len(audits) == 2 and min(audits) > train[0], lines
+    assert {lines[i].split("--out ")[1].split()[0].rsplit("/", 1)[1] for i in audits} == {
+        "micro-trades@2-off-quick9-solver-1000",
+        "micro-trades-ri@2-off-quick9-solver-1000",
+    }
+    exports = [c for c in lines if "training.robust_history" in c or "training.evaluate" in c]
+    assert len(exports) == 4 and all("--threads 2" in c for c in exports), exports  # both @1 here
+    assert _session(repo, scratch, "stop").returncode == 0
+
+
+def test_focus_train_refuses_unless_exactly_one_run_trains(scratch: Path) -> None:
+    repo = _repo(scratch, {r: False for r in RUNS})
+    started = subprocess.run(
+        ["bash", "scripts/campaign_session.sh", "start"],
+        cwd=repo,
+        env=dict(os.environ, PINNED=str(scratch / "pinned"), FOCUS="train"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 1 and "exactly one unfinished run" in started.stderr
+    assert not (scratch / "pinned").exists()  # nothing left behind
